@@ -1,0 +1,131 @@
+"""Converted-checkpoint directories: Orbax params + config, written atomically.
+
+Layout of a directory written by ``save_converted``::
+
+    <dir>/config.json     model config (release field names)
+    <dir>/params/         Orbax PyTree checkpoint of the Flax params
+    <dir>/hart_jax.json   marker: format, kind, parameter count, source; written last
+    <dir>/<extra files>   e.g. the text encoder's prompt prefix
+
+Everything is first written to a temporary sibling directory and renamed into
+place, so an interrupted conversion never leaves a directory that looks complete;
+an existing directory is replaced only with ``force=True`` (and is kept until the
+new one is complete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from hart_jax.errors import CheckpointError
+
+FORMAT = "hart-jax-converted"
+FORMAT_VERSION = 1
+MARKER = "hart_jax.json"
+
+
+def count_params(params: Any) -> int:
+    """Total number of scalars in a parameter tree."""
+    return int(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)))
+
+
+def _pytree_checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer()
+
+
+def save_converted(
+    out_dir: str | os.PathLike,
+    params: Mapping[str, Any],
+    config: Mapping[str, Any],
+    *,
+    kind: str,
+    source: str | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write ``params`` + ``config`` to ``out_dir`` atomically; return its path."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not force:
+        raise CheckpointError(f"{out}: already exists; pass --force (force=True) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _pytree_checkpointer().save(str(tmp / "params"), dict(params))
+        (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(tmp / name, mode) as fh:
+                fh.write(content)
+        marker = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "num_params": count_params(params),
+            "source": source,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "extra_files": sorted(extra_files or {}),
+        }
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_marker(ckpt_dir: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """The marker of a converted directory; checks format and (optionally) kind."""
+    d = Path(ckpt_dir)
+    m = d / MARKER
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: checkpoint directory not found")
+    if not m.is_file():
+        raise CheckpointError(f"{d}: not a hart-jax checkpoint (no {MARKER}; incomplete or not converted?)")
+    try:
+        marker = json.loads(m.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{m}: corrupt marker ({e})") from None
+    if marker.get("format") != FORMAT:
+        raise CheckpointError(f"{m}: format {marker.get('format')!r}, expected {FORMAT!r}")
+    if kind is not None and marker.get("kind") != kind:
+        raise CheckpointError(f"{d}: holds a {marker.get('kind')!r} checkpoint, expected {kind!r}")
+    return marker
+
+
+def load_converted(
+    ckpt_dir: str | os.PathLike, kind: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return ``(config dict, params)`` of a directory written by ``save_converted``."""
+    d = Path(ckpt_dir).absolute()
+    marker = read_marker(d, kind)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{d}: missing config.json")
+    config = json.loads(cfg_path.read_text())
+    if not (d / "params").is_dir():
+        raise CheckpointError(f"{d}: missing params/ (Orbax checkpoint)")
+    try:
+        params = _pytree_checkpointer().restore(str(d / "params"))
+    except Exception as e:
+        raise CheckpointError(f"{d / 'params'}: cannot restore Orbax checkpoint: {e}") from None
+    n = count_params(params)
+    if n != marker.get("num_params"):
+        raise CheckpointError(f"{d}: params hold {n} values but {MARKER} says {marker.get('num_params')}")
+    return config, params

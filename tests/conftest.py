@@ -1,0 +1,54 @@
+"""Test setup: 8 fake CPU devices, fp32 matmuls, and the golden fixture directory.
+
+``HART_GOLDEN_DIR`` (default ``../shared/golden`` next to the repository) holds the
+fixtures made by the original PyTorch code; parity tests take every config,
+weight and array from there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get("HART_GOLDEN_DIR", REPO.parent / "shared" / "golden")).resolve()
+
+# fp32 on CPU: parity within 1e-4 absolute and relative.
+ATOL = 1e-4
+RTOL = 1e-4
+
+
+def assert_close(actual, expected, name: str = "", atol: float = ATOL, rtol: float = RTOL) -> None:
+    """``np.testing.assert_allclose`` with the project's fp32 tolerance and a name."""
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=atol, rtol=rtol, err_msg=name)
+
+
+def nhwc(a_NCHW: np.ndarray) -> np.ndarray:
+    """Fixture layout NCHW -> JAX layout NHWC."""
+    return np.ascontiguousarray(np.asarray(a_NCHW).transpose(0, 2, 3, 1))
+
+
+def nchw(a_NHWC) -> np.ndarray:
+    """JAX layout NHWC -> fixture layout NCHW."""
+    return np.asarray(a_NHWC).transpose(0, 3, 1, 2)
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """The fixture directory; a missing one is an error, never a skip."""
+    if not (GOLDEN_DIR / "README.md").is_file():
+        raise FileNotFoundError(
+            f"golden fixtures not found at {GOLDEN_DIR}; set HART_GOLDEN_DIR to the fixture directory"
+        )
+    return GOLDEN_DIR
