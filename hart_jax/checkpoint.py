@@ -61,6 +61,7 @@ def save_converted(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o755)
         _pytree_checkpointer().save(str(tmp / "params"), dict(params))
         (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         for name, content in (extra_files or {}).items():

@@ -120,12 +120,15 @@ def apply_table(
     ignore: Iterable[str] = (),
     source: str = "checkpoint",
     shapes_only: bool = False,
+    strip_prefixes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Convert ``state`` (torch key -> array) into a nested Flax param dict.
 
     ``expected`` is the model's parameter tree (arrays or ``ShapeDtypeStruct``),
     without the ``"params"`` collection level. ``ignore`` holds regexes of keys to
-    drop (buffers, discriminator). With ``shapes_only`` the values of ``state`` are
+    drop (buffers, discriminator); both rules and ``ignore`` see keys with the first
+    matching ``strip_prefixes`` entry removed, while reports name the original key.
+    With ``shapes_only`` the values of ``state`` are
     ``ShapeDtypeStruct``s and the result holds shapes. Raises ``ConversionError``
     listing every unexpected, missing and mis-shaped key.
     """
@@ -140,10 +143,11 @@ def apply_table(
     bad_shape_paths: set[str] = set()
     duplicate: list[str] = []
     for key, value in state.items():
-        if any(p.match(key) for p in ignore_re):
+        bare = next((key[len(p):] for p in strip_prefixes if key.startswith(p)), key)
+        if any(p.match(bare) for p in ignore_re):
             continue
         for rule, rx in compiled:
-            m = rx.match(key)
+            m = rx.match(bare)
             if m:
                 break
         else:

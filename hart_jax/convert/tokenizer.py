@@ -75,11 +75,6 @@ def tokenizer_rules() -> list[Rule]:
     )
 
 
-def strip_vae_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Remove the ``vae.`` prefix of ``HARTAutoEncoderWithDisc`` keys (others kept)."""
-    return {(k[4:] if k.startswith("vae.") else k): v for k, v in state.items()}
-
-
 def expected_tokenizer_params(cfg: TokenizerConfig) -> dict[str, Any]:
     """Shapes of the model's params for ``cfg`` via ``jax.eval_shape`` (nothing allocated)."""
     model = HARTAutoEncoder(cfg)
@@ -93,17 +88,20 @@ def convert_tokenizer_state(
 ) -> dict[str, Any]:
     """Map a (``vae.``-prefixed or bare) state dict onto the Flax params of ``cfg``."""
     return apply_table(
-        strip_vae_prefix(state),
+        state,
         tokenizer_rules(),
         expected_tokenizer_params(cfg),
         ignore=IGNORE,
         source=source,
         shapes_only=shapes_only,
+        strip_prefixes=("vae.",),
     )
 
 
 def load_tokenizer_config(src_dir: str | os.PathLike) -> TokenizerConfig:
     """``TokenizerConfig`` from ``<src_dir>/config.json``; errors name the file."""
+    if not Path(src_dir).is_dir():
+        raise CheckpointError(f"{src_dir}: not a directory")
     path = Path(src_dir) / "config.json"
     try:
         return TokenizerConfig.from_hf_dict(read_json(path), source=str(path))
@@ -126,3 +124,37 @@ def convert_tokenizer(
     state = load_state_dict(wfile)
     params = convert_tokenizer_state(state, cfg, source=str(wfile))
     return cfg, {"params": params}
+
+
+def verify_tokenizer(cfg: TokenizerConfig, variables: Mapping[str, Any], side: int | None = None) -> None:
+    """Run encode -> quantize -> decode on a small random image; raise if not finite."""
+    import numpy as np
+
+    model = HARTAutoEncoder(cfg)
+    side = side or cfg.downsample * 4
+    img = jax.random.uniform(jax.random.PRNGKey(0), (1, side, side, cfg.in_channels), minval=-1.0, maxval=1.0)
+    out = np.asarray(model.apply(variables, img, (1, 2, 4))["out"])
+    if out.shape != img.shape or not np.isfinite(out).all():
+        raise CheckpointError(f"converted tokenizer produced {'non-finite' if out.shape == img.shape else out.shape} output")
+
+
+def save_tokenizer(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    weights: str | os.PathLike | None = None,
+    force: bool = False,
+) -> Path:
+    """Convert ``src_dir``, check the result runs, and write it atomically to ``out_dir``."""
+    from hart_jax.checkpoint import load_converted, save_converted
+
+    if Path(out_dir).exists() and not force:
+        raise CheckpointError(f"{Path(out_dir).absolute()}: already exists; pass --force to replace it")
+    cfg, variables = convert_tokenizer(src_dir, weights)
+    verify_tokenizer(cfg, variables)
+    out = save_converted(
+        out_dir, variables, cfg.to_hf_dict(), kind=KIND, source=str(Path(src_dir).absolute()), force=force
+    )
+    _, reloaded = load_converted(out, kind=KIND)
+    verify_tokenizer(cfg, reloaded)
+    return out

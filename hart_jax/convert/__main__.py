@@ -1,0 +1,58 @@
+"""Command line: convert PyTorch HART checkpoints into hart-jax directories.
+
+    python -m hart_jax.convert tokenizer SRC_DIR OUT_DIR [--weights FILE] [--force]
+
+Errors print one line naming the problem and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from hart_jax.errors import HartError
+
+
+def _tokenizer(args: argparse.Namespace) -> str:
+    from hart_jax.convert.tokenizer import save_tokenizer
+
+    out = save_tokenizer(args.src, args.out, weights=args.weights, force=args.force)
+    return f"wrote {out}"
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], str]]] = {
+    "tokenizer": ("a release tokenizer/ directory (HARTAutoEncoderWithDisc)", _tokenizer),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``python -m hart_jax.convert``."""
+    p = argparse.ArgumentParser(
+        prog="python -m hart_jax.convert",
+        description="Convert PyTorch HART checkpoints to hart-jax (Orbax params + config), "
+        "written atomically; an existing output is replaced only with --force.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (help_text, _) in COMMANDS.items():
+        s = sub.add_parser(name, help=f"convert {help_text}")
+        s.add_argument("src", help="source directory (config.json + weights)")
+        s.add_argument("out", help="output directory to create")
+        s.add_argument("--weights", default=None, help="weight file to read instead of the default search")
+        s.add_argument("--force", action="store_true", help="replace an existing output directory")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        print(COMMANDS[args.command][1](args))
+    except HartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
