@@ -1,0 +1,218 @@
+"""HART's sampling procedure (``autoregressive_infer_cfg``) as one jittable function.
+
+Dimensions: B images, 2B rows with classifier-free guidance (conditional rows first),
+T context tokens, l tokens of a scale, V codebook size, Cv latent channels, C width,
+N scales, pn side of a scale, P = pn_last.
+
+Per scale s = 0..N-2: run the scale's tokens through the blocks against the KV cache,
+logits -> CFG ``(1+t) cond - t uncond`` with ``t = cfg * s / (N-1)`` -> top-k (600 for
+s < 7, else 300, as the release hard-codes) / top-p masking -> sample (or argmax in
+greedy mode) -> code vector (or, with ``more_smooth``, a Gumbel-softmax mixture of
+codebook rows at ``tau = max(0.27 (1 - 0.95 r), 0.005)``) -> f_hat += φ(bicubic(.)) ->
+next input ``area(f_hat, pn_{s+1})``. The last scale reuses the previous scale's ratio
+(``stale_last_ratio``, the release's behaviour) for CFG, Gumbel and the diffusion head;
+the diffusion head samples the continuous residual conditioned on
+``decoder_norm(h + word_embed(E[idx]))``; f_hat += code + residual (no φ); decode to an
+image in [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from hart_jax.models.autoencoder import HARTAutoEncoder
+from hart_jax.models.transformer import HARTTransformer
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling settings (static: one compiled program per distinct value).
+
+    ``top_k=None`` is the release's stage rule (600 for s < 7, else 300); an int
+    applies to every scale (0 disables). ``greedy`` takes the argmax instead of
+    sampling (parity checks). ``stale_last_ratio=False`` uses ``t = cfg`` at the last
+    scale instead of the release's reused ``(N-2)/(N-1)`` ratio.
+    """
+
+    cfg: float = 4.5
+    top_k: int | None = None
+    top_p: float = 0.0
+    more_smooth: bool = True
+    greedy: bool = False
+    diffusion: bool = True
+    stale_last_ratio: bool = True
+    temperature: float = 1.0
+
+    def stage_top_k(self, si: int, vocab: int) -> int:
+        """The top-k used at scale ``si`` (clamped to the vocabulary)."""
+        k = (600 if si < 7 else 300) if self.top_k is None else self.top_k
+        return min(k, vocab)
+
+    def ratio(self, si: int, num_scales: int) -> float:
+        """Guidance ratio ``r`` of scale si (the last scale reuses the previous one)."""
+        n1 = num_scales - 1
+        if si == n1 and self.stale_last_ratio:
+            si = n1 - 1
+        return si / n1
+
+
+@dataclasses.dataclass(frozen=True)
+class InjectedNoise:
+    """Noise recorded from a reference run, replacing the random draws (parity tests).
+
+    ``gumbel[s]``: ``[B, l_s, V]`` Gumbel noise of scale s (``more_smooth``);
+    ``diff_init``: ``[B*P^2, Cv]``; ``diff_steps``: ``[S, 2B*P^2, Cv]``.
+    """
+
+    gumbel: Sequence[jax.Array] | None = None
+    diff_init: jax.Array | None = None
+    diff_steps: jax.Array | None = None
+
+
+def top_k_top_p_mask(logits_BlV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Logits with everything outside the top-k (ties kept) and the top-p nucleus set to -inf."""
+    out = logits_BlV
+    if top_k > 0:
+        kth = jax.lax.top_k(out, top_k)[0][..., -1:]
+        out = jnp.where(out < kth, -jnp.inf, out)
+    if top_p > 0:
+        order = jnp.argsort(out, axis=-1)  # ascending
+        sorted_logits = jnp.take_along_axis(out, order, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        remove = cum <= (1.0 - top_p)
+        remove = remove.at[..., -1].set(False)
+        inv = jnp.argsort(order, axis=-1)
+        out = jnp.where(jnp.take_along_axis(remove, inv, axis=-1), -jnp.inf, out)
+    return out
+
+
+def _cfg_mix(logits_2BlV: jax.Array, t: float) -> jax.Array:
+    b = logits_2BlV.shape[0] // 2
+    return (1 + t) * logits_2BlV[:b] - t * logits_2BlV[b:]
+
+
+def cfg_inputs(
+    context: jax.Array, context_mask: jax.Array, context_position_ids: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Double the batch for guidance: unconditional rows have zero context, position
+    ids 0 and mask ``[1, 0, ..., 0]`` (as the release builds them)."""
+    ctx = jnp.concatenate([context, jnp.zeros_like(context)], 0)
+    pos = jnp.concatenate([context_position_ids, jnp.zeros_like(context_position_ids)], 0)
+    unc = jnp.zeros_like(context_mask).at[:, 0].set(True)
+    return ctx, jnp.concatenate([context_mask, unc], 0), pos
+
+
+def sample_images(
+    t2i: HARTTransformer,
+    t2i_vars: Params,
+    tok: HARTAutoEncoder,
+    tok_vars: Params,
+    context: jax.Array,
+    context_mask: jax.Array,
+    context_position_ids: jax.Array,
+    key: jax.Array,
+    scfg: SamplingConfig = SamplingConfig(),
+    injected: InjectedNoise | None = None,
+    return_trace: bool = False,
+) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+    """Generate ``[B, H, W, 3]`` images in [0, 1] from text features.
+
+    ``context [B, T, Dc]`` (Qwen2 last hidden states), ``context_mask [B, T]`` bool,
+    ``context_position_ids [B, T]`` int. ``key`` drives every random draw unless
+    ``injected`` provides it. ``return_trace`` also returns a dict of every stage's
+    CFG logits, indices, hidden states, f_hat and inputs (checked against fixtures).
+    Jit with ``t2i``, ``tok``, ``scfg`` and ``return_trace`` static.
+    """
+    cfg = t2i.cfg
+    pn = cfg.patch_nums
+    n = len(pn)
+    b = context.shape[0]
+    v = cfg.vocab_size
+    trace: dict[str, Any] = {}
+    apply = lambda method, *a: t2i.apply(t2i_vars, *a, method=method)
+    codebook = tok_vars["params"]["quantize"]["embedding"]["embedding"]
+    quant = lambda fn, *a: tok.apply(tok_vars, *a, method=lambda m, *x: fn(m.quantize, *x))
+
+    ctx2, mask2, pos2 = cfg_inputs(context, context_mask, context_position_ids)
+    cond, sos = apply(HARTTransformer.condition, ctx2)
+    lvl = apply(HARTTransformer.level_embedding)
+    caches = [
+        (jnp.zeros((2 * b, cfg.seq_len, cfg.num_heads, cfg.head_dim), t2i.dtype),) * 2
+        for _ in range(cfg.depth)
+    ]
+    f_hat = jnp.zeros((b, pn[-1], pn[-1], cfg.z_channels), jnp.float32)
+    x = sos + lvl[0]
+    keys = jax.random.split(key, 2 * n + 1)
+
+    def pick(si: int, logits_2BlV: jax.Array, ratio: float) -> tuple[jax.Array, jax.Array]:
+        logits = _cfg_mix(logits_2BlV, scfg.cfg * ratio)
+        trace[f"logits_cfg_s{si}"] = logits
+        masked = top_k_top_p_mask(logits, scfg.stage_top_k(si, v), scfg.top_p)
+        if scfg.greedy:
+            idx = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+        else:
+            idx = jax.random.categorical(keys[2 * si], masked, axis=-1).astype(jnp.int32)
+        trace[f"idx_s{si}"] = idx
+        if scfg.more_smooth:
+            tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+            if injected is not None and injected.gumbel is not None:
+                g = jnp.asarray(injected.gumbel[si], jnp.float32)
+            else:
+                g = jax.random.gumbel(keys[2 * si + 1], masked.shape, jnp.float32)
+            w = jax.nn.softmax((masked * (1 + ratio) + g) / tau, axis=-1)
+            emb = jnp.einsum("blv,vc->blc", w, codebook, precision=jax.lax.Precision.HIGHEST)
+        else:
+            emb = jnp.take(codebook, idx, axis=0)
+        return idx, emb
+
+    for si in range(n - 1):
+        ratio = scfg.ratio(si, n)
+        h, caches = apply(HARTTransformer.stage, x, si, caches, cond, pos2, mask2)
+        trace[f"hidden_s{si}"] = h
+        if si == 0:
+            h = h[:, -1:]
+        idx, emb = pick(si, apply(HARTTransformer.logits, h, cond), ratio)
+        emb = emb.reshape(b, pn[si], pn[si], cfg.z_channels)
+        f_hat, nxt = quant(lambda q, *a: q.next_autoregressive_input(si, pn, *a), f_hat, emb)
+        trace[f"fhat_s{si}"] = f_hat
+        trace[f"next_in_s{si + 1}"] = nxt
+        x = apply(lambda m, t: m.word_embed(t), nxt.reshape(b, -1, cfg.z_channels)) + lvl[si + 1]
+        x = jnp.concatenate([x, x], 0)
+
+    # ------------------------------------------------------------ last scale
+    si = n - 1
+    ratio = scfg.ratio(si, n)
+    h, _ = apply(HARTTransformer.stage, x, si, caches, cond, pos2, mask2)
+    trace[f"hidden_s{si}"] = h
+    idx, emb = pick(si, apply(HARTTransformer.logits, h, cond), ratio)
+    l = pn[-1] ** 2
+    if scfg.diffusion:
+        hard = jnp.take(codebook, idx, axis=0)
+        z = apply(HARTTransformer.diffusion_condition, h, jnp.concatenate([hard, hard], 0))
+        z = z.reshape(2 * b * l, -1)
+        t_last = scfg.cfg * ratio
+        trace["diff_z"] = z
+        if injected is not None and injected.diff_init is not None:
+            res = apply(
+                lambda m, z: m.diffloss.sample(
+                    z, t_last, init_noise=injected.diff_init, step_noise=injected.diff_steps,
+                    temperature=scfg.temperature,
+                ),
+                z,
+            )
+        else:
+            res = apply(
+                lambda m, z, k: m.diffloss.sample_with_key(z, t_last, k, scfg.temperature), z, keys[-1]
+            )
+        trace["diff_out"] = res
+        emb = emb + res[: b * l].reshape(b, l, -1)
+    f_hat = f_hat + emb.reshape(b, pn[-1], pn[-1], cfg.z_channels)
+    trace["fhat_final"] = f_hat
+    img = (tok.apply(tok_vars, f_hat, method=HARTAutoEncoder.decode) + 1.0) * 0.5
+    return (img, trace) if return_trace else img
