@@ -113,7 +113,7 @@ def test_level_attention_text_and_three_scales(dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_level_attention_fixture_layout(golden_dir, dtype):
     """The fixture model's full layout [6 text | 4 | 9 | 16 | 32 kept of 36], per-batch level ids,
-    default tile sizes (one padded block per sequence)."""
+    default tile sizes (one padded 128-query block, two 64-key blocks)."""
     lev_BL, H, D = fixture_layout(golden_dir)
     B, L = lev_BL.shape
     assert L == 6 + 4 + 9 + 16 + 32
