@@ -1,0 +1,251 @@
+"""Attention throughput of the ``xla``, ``cudnn`` and ``pallas`` implementations on HART's shapes.
+
+Measures, on the current default device:
+- the bf16 matmul peak (a large square ``jnp.dot``), the ceiling for everything else;
+- training attention (level mask) at the 0.7B model's shapes (24 heads x 64, sequence
+  9750 = 300 text + 13 scales of the 1024 px model), forward and forward+backward;
+- sampling attention for every stage of the 1024 px model: the stage's queries against
+  the KV cache (``padded_cache_length(9750)`` entries) filled up to the end of the stage.
+
+Throughput counts useful FLOPs only (visible query-key pairs: 4·D per pair forward,
+2.5x that again backward), so an implementation that computes masked entries gets no
+credit for them. Results are written as JSON (``--out``) and printed as a Markdown
+table for ``docs/benchmarks.md``.
+
+Usage (GPU):   python -m bench.attention_bench --out bench_results.json
+Smoke (CPU):   python -m bench.attention_bench --smoke   (tiny shapes, Pallas interpreted)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from hart_jax import attention as attn  # noqa: E402
+from hart_jax.kernels.cache_attention import CacheAttentionConfig, padded_cache_length  # noqa: E402
+from hart_jax.kernels.level_attention import LevelAttentionConfig  # noqa: E402
+
+# hart-0.7b-1024px: 300 text tokens, 14 scales, 24 heads of 64; SMOKE: the fixture model's layout
+FULL = dict(
+    context_tokens=300, patch_nums=(1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64), heads=24, head_dim=64
+)
+SMOKE = dict(context_tokens=6, patch_nums=(1, 2, 3, 4, 6), heads=2, head_dim=16)
+
+
+def level_ids(context_tokens: int, patch_nums: Sequence[int]) -> np.ndarray:
+    """Training level ids: text = 0, then ``pn_s**2`` tokens of level s for s >= 1."""
+    parts = [np.zeros(context_tokens, np.int32)]
+    parts += [np.full(pn * pn, s, np.int32) for s, pn in enumerate(patch_nums) if s >= 1]
+    return np.concatenate(parts)
+
+
+def stage_shapes(context_tokens: int, patch_nums: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Sampling stages as ``(stage, queries, cache entries visible)``; stage 0 feeds the text."""
+    out, end = [], 0
+    for s, pn in enumerate(patch_nums):
+        n = context_tokens if s == 0 else pn * pn
+        end += n
+        out.append((s, n, end))
+    return out
+
+
+def time_fn(fn: Callable, args: Sequence[Any], warmup: int, iters: int) -> float:
+    """Median wall time (seconds) of ``fn(*args)`` after compilation and warmup."""
+    for _ in range(max(warmup, 1)):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def matmul_peak(n: int, warmup: int, iters: int) -> dict:
+    """bf16 ``[n, n] @ [n, n]`` throughput."""
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+    t = time_fn(jax.jit(jnp.dot), (a, b), warmup, iters)
+    return {"n": n, "ms": t * 1e3, "tflops": 2 * n**3 / t / 1e12}
+
+
+def _run(name: str, fn: Callable, args: Sequence[Any], flops: float, peak: float, warmup: int, iters: int) -> dict:
+    try:
+        t = time_fn(fn, args, warmup, iters)
+    except Exception as e:  # an implementation that cannot run here (no cuDNN, OOM): recorded, not fatal
+        return {"impl": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    tflops = flops / t / 1e12
+    return {"impl": name, "ms": t * 1e3, "tflops": tflops, "fraction_of_peak": tflops / peak}
+
+
+def bench_training(
+    shape: dict, impls: Sequence[str], args: argparse.Namespace, peak: float, interpret: bool
+) -> list:
+    """Level-mask attention, forward and forward+backward, for each implementation."""
+    lev = level_ids(shape["context_tokens"], shape["patch_nums"])
+    L, H, D, B = len(lev), shape["heads"], shape["head_dim"], args.batch
+    dtype = jnp.dtype(args.dtype)
+    ks = jax.random.split(jax.random.PRNGKey(1), 4)
+    q, k, v, do = (jax.random.normal(kk, (B, L, H, D), dtype) for kk in ks)
+    pairs = int(np.sum(lev[None, :] <= lev[:, None]))
+    fwd_flops = 4.0 * D * pairs * B * H
+    scale = 0.25 / np.sqrt(D)
+    lev_j = jnp.asarray(lev)
+    cfg = LevelAttentionConfig(
+        block_q=args.block_q, block_k=args.block_k, block_q_bwd=args.block_q_bwd,
+        block_k_bwd=args.block_k_bwd, num_warps=args.num_warps, num_stages=args.num_stages,
+        num_warps_bwd=args.num_warps, num_stages_bwd=args.num_stages,
+    )
+    rows = []
+    for impl in impls:
+        def f(q, k, v, impl=impl):
+            return attn.attention(q, k, v, q_levels=lev_j, k_levels=lev_j, scale=scale, impl=impl,
+                                  interpret=interpret, config=cfg)
+
+        def fb(q, k, v, do, f=f):
+            return jax.vjp(f, q, k, v)[1](do)
+
+        r = _run(impl, jax.jit(f), (q, k, v), fwd_flops, peak, args.warmup, args.iters)
+        rows.append({"pass": "fwd", "L": L, "B": B, "H": H, "D": D, **r})
+        r = _run(impl, jax.jit(fb), (q, k, v, do), 3.5 * fwd_flops, peak, args.warmup, args.iters)
+        rows.append({"pass": "fwd+bwd", "L": L, "B": B, "H": H, "D": D, **r})
+    return rows
+
+
+def bench_sampling(
+    shape: dict, impls: Sequence[str], args: argparse.Namespace, peak: float, interpret: bool
+) -> list:
+    """Cache attention of every sampling stage, for each implementation."""
+    stages = stage_shapes(shape["context_tokens"], shape["patch_nums"])
+    Lm = padded_cache_length(stages[-1][2])
+    if args.stages:
+        wanted = {int(s) for s in args.stages.split(",")}
+        stages = [st for st in stages if st[0] in wanted]
+    H, D, B = shape["heads"], shape["head_dim"], args.sample_batch
+    dtype = jnp.dtype(args.dtype)
+    kk, kv = jax.random.split(jax.random.PRNGKey(2))
+    k_cache = jax.random.normal(kk, (B, Lm, H, D), dtype)
+    v_cache = jax.random.normal(kv, (B, Lm, H, D), dtype)
+    scale = 0.25 / np.sqrt(D)
+    cfg = CacheAttentionConfig(block_q=args.cache_block_q, block_k=args.cache_block_k,
+                               num_warps=args.num_warps, num_stages=args.num_stages)
+    rows = []
+    for s, n, end in stages:
+        q = jax.random.normal(jax.random.PRNGKey(100 + s), (B, n, H, D), dtype)
+        flops = 4.0 * D * n * end * B * H
+        for impl in impls:
+            def f(q, kc, vc, impl=impl, end=end):
+                return attn.cache_attention(q, kc, vc, valid_len=end, scale=scale, impl=impl,
+                                            interpret=interpret, config=cfg)
+
+            r = _run(impl, jax.jit(f), (q, k_cache, v_cache), flops, peak, args.warmup, args.iters)
+            rows.append({"stage": s, "queries": n, "valid": end, "cache": Lm, "B": B, **r})
+    return rows
+
+
+def markdown(result: dict) -> str:
+    """The result as Markdown tables (for docs/benchmarks.md)."""
+    lines = [
+        f"device: {result['device']}, jax {result['jax']}, dtype {result['dtype']}",
+        f"bf16 matmul peak: {result['matmul_peak']['tflops']:.4g} TFLOP/s (n={result['matmul_peak']['n']})",
+        "",
+        "| pass | impl | ms | TFLOP/s | of peak |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["training"]:
+        if "error" in r:
+            lines.append(f"| {r['pass']} | {r['impl']} | - | - | {r['error']} |")
+        else:
+            cells = (r["pass"], r["impl"], f"{r['ms']:.3f}", f"{r['tflops']:.3g}", f"{r['fraction_of_peak']:.1%}")
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| stage | queries | valid | impl | ms | TFLOP/s |", "|---|---|---|---|---|---|"]
+    for r in result["sampling"]:
+        if "error" in r:
+            lines.append(f"| {r['stage']} | {r['queries']} | {r['valid']} | {r['impl']} | - | {r['error']} |")
+        else:
+            cells = (r["stage"], r["queries"], r["valid"], r["impl"], f"{r['ms']:.3f}", f"{r['tflops']:.3g}")
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    totals = result["sampling_total_ms"]
+    lines += ["", "sampling, all stages: " + ", ".join(f"{k} {v:.3f} ms" for k, v in totals.items())]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (Pallas interpreted)")
+    p.add_argument("--impls", default="xla,cudnn,pallas", help="comma-separated subset of xla,cudnn,pallas")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--batch", type=int, default=1, help="training batch")
+    p.add_argument("--sample-batch", type=int, default=8, help="sampling rows (CFG doubles prompts)")
+    p.add_argument("--matmul-n", type=int, default=8192)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--block-q", type=int, default=LevelAttentionConfig.block_q)
+    p.add_argument("--block-k", type=int, default=LevelAttentionConfig.block_k)
+    p.add_argument("--block-q-bwd", type=int, default=LevelAttentionConfig.block_q_bwd)
+    p.add_argument("--block-k-bwd", type=int, default=LevelAttentionConfig.block_k_bwd)
+    p.add_argument("--cache-block-q", type=int, default=CacheAttentionConfig.block_q)
+    p.add_argument("--cache-block-k", type=int, default=CacheAttentionConfig.block_k)
+    p.add_argument("--num-warps", type=int, default=LevelAttentionConfig.num_warps)
+    p.add_argument("--num-stages", type=int, default=LevelAttentionConfig.num_stages)
+    p.add_argument("--stages", default="", help="comma-separated sampling stages to run (default: all)")
+    p.add_argument("--no-sampling", dest="sampling", action="store_false", help="skip the sampling stages")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batch, args.sample_batch, args.matmul_n = 1, 2, 128
+        args.warmup, args.iters = 1, 1
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the benchmark; returns (and optionally writes) the JSON-able result."""
+    args = parse_args(argv)
+    impls = [s for s in args.impls.split(",") if s]
+    for impl in impls:
+        if impl not in attn.IMPLS:
+            raise ValueError(f"--impls: unknown implementation {impl!r}; choose from {attn.IMPLS}")
+    shape = SMOKE if args.smoke else FULL
+    backend = jax.default_backend()
+    interpret = backend != "gpu"  # Pallas Triton kernels run natively only on GPU
+    dev = jax.devices()[0]
+    peak = matmul_peak(args.matmul_n, args.warmup, args.iters)
+    result = {
+        "device": getattr(dev, "device_kind", str(dev)),
+        "backend": backend,
+        "jax": jax.__version__,
+        "dtype": args.dtype,
+        "smoke": args.smoke,
+        "pallas_interpret": interpret,
+        "shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()},
+        "matmul_peak": peak,
+        "training": bench_training(shape, impls, args, peak["tflops"], interpret),
+        "sampling": bench_sampling(shape, impls, args, peak["tflops"], interpret) if args.sampling else [],
+    }
+    totals: dict[str, float] = {}
+    for impl in impls:
+        rows = [r for r in result["sampling"] if r["impl"] == impl]
+        if rows and all("ms" in r for r in rows):
+            totals[impl] = sum(r["ms"] for r in rows)
+    result["sampling_total_ms"] = totals
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

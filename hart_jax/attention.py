@@ -1,0 +1,191 @@
+"""The attention implementations HART's transformer can use, behind one switch.
+
+``attention_impl`` (a model config field) picks one of:
+
+- ``"xla"``: the dense jnp path of ``hart_jax.kernels.reference`` (fp32 logits and
+  softmax, matmul operands in the input dtype); runs everywhere.
+- ``"cudnn"``: ``jax.nn.dot_product_attention(..., implementation="cudnn")`` with a
+  boolean mask built from the level ids (training) or ``key_value_seq_lengths``
+  (sampling); GPU only, bf16/fp16 only.
+- ``"pallas"``: the fused Pallas Triton kernels of ``hart_jax.kernels``; GPU, or
+  any backend with ``interpret=True`` (tests).
+- ``"auto"`` (or None): the fastest measured implementation for the backend
+  (``DEFAULT_IMPL_BY_BACKEND``); the choice is logged once.
+
+Two entry points: ``attention`` (training / teacher forcing, level mask) and
+``cache_attention`` (sampling, queries of one scale against the KV cache).
+
+Dimensions: B batch, Lq / Lk query / key lengths, Lm cache length, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from hart_jax.kernels import reference as _ref
+from hart_jax.kernels.cache_attention import CacheAttentionConfig
+from hart_jax.kernels.cache_attention import cache_attention as pallas_cache_attention
+from hart_jax.kernels.level_attention import LevelAttentionConfig, check_qkv
+from hart_jax.kernels.level_attention import level_attention as pallas_level_attention
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("xla", "cudnn", "pallas")
+
+# The implementation "auto" picks on a GPU. Set from bench/attention_bench.py on the
+# target GPU (docs/benchmarks.md); until a measurement says otherwise it is the fused
+# Pallas kernel, the only one that skips fully masked blocks.
+FASTEST_MEASURED_GPU_IMPL = "pallas"
+
+DEFAULT_IMPL_BY_BACKEND = {
+    "cpu": "xla",
+    "gpu": FASTEST_MEASURED_GPU_IMPL,
+    "cuda": FASTEST_MEASURED_GPU_IMPL,
+    "rocm": "xla",
+    "tpu": "xla",
+}
+
+_logged: set[tuple[str, str, str]] = set()
+_interpret: bool = os.environ.get("HART_PALLAS_INTERPRET", "0").lower() in ("1", "true", "yes")
+
+
+def set_pallas_interpret(flag: bool) -> None:
+    """Global default of ``interpret`` for the Pallas kernels (env ``HART_PALLAS_INTERPRET``)."""
+    global _interpret
+    _interpret = bool(flag)
+
+
+def pallas_interpret() -> bool:
+    """Current global default of ``interpret``."""
+    return _interpret
+
+
+def resolve_impl(impl: str | None = "auto", backend: str | None = None) -> str:
+    """``"auto"``/None -> the default for ``backend`` (default: JAX's); logs the choice once."""
+    backend = backend or jax.default_backend()
+    requested = "auto" if impl is None else impl
+    if requested == "auto":
+        chosen = DEFAULT_IMPL_BY_BACKEND.get(backend, "xla")
+    elif requested in IMPLS:
+        chosen = requested
+    else:
+        raise ValueError(f"attention_impl must be one of {('auto',) + IMPLS}, got {impl!r}")
+    key = (requested, backend, chosen)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("attention_impl=%s (requested %s, backend %s)", chosen, requested, backend)
+    return chosen
+
+
+def _kernel_precision(precision: lax.PrecisionLike) -> lax.Precision:
+    """Matmul precision for the Pallas kernels, following the XLA precision rules.
+
+    An explicit ``precision`` wins; otherwise ``jax_default_matmul_precision``
+    decides (``highest``/``float32`` -> IEEE fp32; anything else lets Triton use TF32
+    for fp32 inputs). bf16 inputs are unaffected.
+    """
+    if precision is not None:
+        p = precision[0] if isinstance(precision, tuple) else precision
+        return lax.Precision(p) if not isinstance(p, lax.Precision) else p
+    cfg = jax.config.jax_default_matmul_precision
+    if cfg in ("highest", "float32", "fastest_float32"):
+        return lax.Precision.HIGHEST
+    return lax.Precision.DEFAULT
+
+
+def _cudnn_check(q: jax.Array) -> None:
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}")
+
+
+def attention(
+    q_BLqHD: jax.Array,
+    k_BLkHD: jax.Array,
+    v_BLkHD: jax.Array,
+    *,
+    q_levels: jax.Array,
+    k_levels: jax.Array,
+    scale: float,
+    impl: str | None = "auto",
+    precision: lax.PrecisionLike = None,
+    interpret: bool | None = None,
+    config: LevelAttentionConfig | None = None,
+) -> jax.Array:
+    """HART's training attention: key visible iff ``level(k) <= level(q)``.
+
+    ``q_levels``/``k_levels``: int ``[L]`` or ``[B, L]``. ``impl``: see the module
+    docstring. ``interpret`` (Pallas only) defaults to ``pallas_interpret()``.
+    Returns ``[B, Lq, H, D]`` in the input dtype.
+    """
+    chosen = resolve_impl(impl)
+    if chosen == "xla":
+        check_qkv(q_BLqHD, k_BLkHD, v_BLkHD)
+        return _ref.level_attention_reference(
+            q_BLqHD, k_BLkHD, v_BLkHD, q_levels, k_levels, scale,
+            matmul_dtype=q_BLqHD.dtype, precision=precision,
+        )
+    if chosen == "cudnn":
+        check_qkv(q_BLqHD, k_BLkHD, v_BLkHD)
+        _cudnn_check(q_BLqHD)
+        B, Lq = q_BLqHD.shape[:2]
+        Lk = k_BLkHD.shape[1]
+        mask = _ref.level_mask(
+            _ref.levels_2d(q_levels, B, Lq, "q_levels"), _ref.levels_2d(k_levels, B, Lk, "k_levels")
+        )
+        return jax.nn.dot_product_attention(
+            q_BLqHD, k_BLkHD, v_BLkHD, mask=mask[:, None], scale=scale, implementation="cudnn"
+        )
+    return pallas_level_attention(
+        q_BLqHD, k_BLkHD, v_BLkHD, q_levels, k_levels,
+        scale=scale,
+        config=config,
+        precision=_kernel_precision(precision),
+        interpret=pallas_interpret() if interpret is None else interpret,
+    )
+
+
+def cache_attention(
+    q_BLqHD: jax.Array,
+    k_cache_BLmHD: jax.Array,
+    v_cache_BLmHD: jax.Array,
+    *,
+    valid_len: jax.Array | int,
+    scale: float,
+    impl: str | None = "auto",
+    precision: lax.PrecisionLike = None,
+    interpret: bool | None = None,
+    config: CacheAttentionConfig | None = None,
+) -> jax.Array:
+    """Sampling attention: one scale's queries see cache entries ``[0, valid_len)``.
+
+    ``valid_len``: int scalar or ``[B]``. Forward only for ``pallas``.
+    Returns ``[B, Lq, H, D]`` in the input dtype.
+    """
+    chosen = resolve_impl(impl)
+    if chosen == "xla":
+        check_qkv(q_BLqHD, k_cache_BLmHD, v_cache_BLmHD, k_name="k_cache")
+        return _ref.cache_attention_reference(
+            q_BLqHD, k_cache_BLmHD, v_cache_BLmHD, valid_len, scale,
+            matmul_dtype=q_BLqHD.dtype, precision=precision,
+        )
+    if chosen == "cudnn":
+        check_qkv(q_BLqHD, k_cache_BLmHD, v_cache_BLmHD, k_name="k_cache")
+        _cudnn_check(q_BLqHD)
+        B, Lm = k_cache_BLmHD.shape[:2]
+        n_B = jnp.clip(_ref.valid_len_1d(valid_len, B), 0, Lm)
+        return jax.nn.dot_product_attention(
+            q_BLqHD, k_cache_BLmHD, v_cache_BLmHD, scale=scale,
+            key_value_seq_lengths=n_B, implementation="cudnn",
+        )
+    return pallas_cache_attention(
+        q_BLqHD, k_cache_BLmHD, v_cache_BLmHD, valid_len,
+        scale=scale,
+        config=config,
+        precision=_kernel_precision(precision),
+        interpret=pallas_interpret() if interpret is None else interpret,
+    )

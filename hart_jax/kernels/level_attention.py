@@ -1,0 +1,430 @@
+"""Flash attention (forward + backward) under HART's level mask, in Pallas (Triton backend).
+
+Key k is visible to query q iff ``level(k) <= level(q)``. In training the text
+tokens are level 0 (they see each other fully) and scale s is level s; the last
+scale may keep only a subset of its tokens, so the kernel takes per-token level
+ids (``[L]`` or ``[B, L]``) and never assumes contiguous level blocks.
+
+Schedule (FlashAttention-2):
+- forward, grid ``(q blocks, B, H)``: one program per query block runs an online
+  softmax over key blocks ``[0, hi)`` and stores the output and the base-2
+  log-sum-exp;
+- backward: one kernel per key block accumulates dk and dv over query blocks
+  ``[lo, nq)``; one kernel per query block accumulates dq over key blocks
+  ``[0, hi)``.
+``hi`` and ``lo`` come from small per-block tables built outside the kernel
+(max query level per query block, min key level per key block): every block
+outside the loop range is fully masked, whatever the order of the levels, and
+for HART's sorted layout the loops cover exactly the blocks that see anything.
+Inside the range the mask is applied element by element.
+
+Lengths that are not multiples of the block sizes are padded: padded keys get
+level ``INT32_MAX`` (never visible), padded queries level ``-1`` (see nothing,
+output 0). The head dim is zero-padded to a power of two >= 16 (Triton's dot
+needs it). Logits, softmax and accumulators are fp32 for bf16 and fp32 inputs;
+fp32 matmuls run at full IEEE precision (``precision=HIGHEST``, no TF32) unless
+told otherwise.
+
+Dimensions: B batch, L / Lq / Lk sequence lengths (P: padded), H heads,
+D head dim (Dp: padded), nq / nk number of query / key blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from hart_jax.kernels.compat import SQUEEZED as SQ
+from hart_jax.kernels.compat import dot, triton_compiler_params
+from hart_jax.kernels.reference import levels_2d
+
+LOG2E = math.log2(math.e)
+PAD_Q_LEVEL = -1  # a padded query sees no key
+PAD_K_LEVEL = int(np.iinfo(np.int32).max)  # a padded key is seen by no query
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelAttentionConfig:
+    """Tile sizes and Triton launch parameters (powers of two; blocks >= 16).
+
+    Not tuned on hardware yet: ``bench/attention_bench.py`` takes them as flags.
+    """
+
+    block_q: int = 128
+    block_k: int = 64
+    block_q_bwd: int = 64
+    block_k_bwd: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 2
+
+    def __post_init__(self):
+        for f in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+            b = getattr(self, f)
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"LevelAttentionConfig.{f} must be a power of two >= 16, got {b}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels are specialised on (hashable; a custom_vjp nondiff arg)."""
+
+    scale: float
+    block_q: int
+    block_k: int
+    block_q_bwd: int
+    block_k_bwd: int
+    num_warps: int
+    num_stages: int
+    num_warps_bwd: int
+    num_stages_bwd: int
+    precision: lax.Precision
+    interpret: bool
+
+
+def round_up(n: int, m: int) -> int:
+    """Smallest multiple of ``m`` that is >= ``n``."""
+    return -(-n // m) * m
+
+
+def fit_block(block: int, length: int) -> int:
+    """The block size actually used: ``block``, shrunk for short sequences (>= 16)."""
+    return max(16, min(block, pl.next_power_of_2(max(length, 1))))
+
+
+def padded_head_dim(d: int) -> int:
+    """Head dim as the kernels see it: a power of two >= 16."""
+    return max(16, pl.next_power_of_2(d))
+
+
+def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, k_name: str = "k") -> None:
+    """Shape and dtype checks shared by the attention kernels (clear ValueErrors)."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, {k_name}, v must be [B, L, H, D], got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"{k_name} and v must have the same shape, got {k.shape} and {v.shape}")
+    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
+        raise ValueError(f"q {q.shape} and {k_name} {k.shape} differ in batch, heads or head dim")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, {k_name}, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention inputs must be float32, bfloat16 or float16, got {q.dtype}")
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    """Pad ``x`` at the end of ``axis`` up to ``size`` (no-op when already there)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+# ----------------------------------------------------------------------------- block tables
+
+
+def _block_reduce(levels_BP: jax.Array, block: int, op) -> jax.Array:
+    B, P = levels_BP.shape
+    return op(levels_BP.reshape(B, P // block, block), axis=-1)
+
+
+def _visible_blocks(q_lev_BP, k_lev_BP, block_q: int, block_k: int) -> jax.Array:
+    """``[B, nq, nk]``: True where some query of the q block may see some key of the k block."""
+    qmax_Bn = _block_reduce(q_lev_BP, block_q, jnp.max)
+    kmin_Bn = _block_reduce(k_lev_BP, block_k, jnp.min)
+    return kmin_Bn[:, None, :] <= qmax_Bn[:, :, None]
+
+
+def kv_upper_bounds(q_lev_BP, k_lev_BP, block_q: int, block_k: int) -> jax.Array:
+    """int32 ``[B, nq]``: 1 + index of the last key block a query block may see (0: none)."""
+    vis = _visible_blocks(q_lev_BP, k_lev_BP, block_q, block_k)
+    idx = jnp.arange(1, vis.shape[2] + 1, dtype=jnp.int32)
+    return jnp.max(jnp.where(vis, idx, 0), axis=2).astype(jnp.int32)
+
+
+def q_lower_bounds(q_lev_BP, k_lev_BP, block_q: int, block_k: int) -> jax.Array:
+    """int32 ``[B, nk]``: first query block that may see a key block (nq: none)."""
+    vis = _visible_blocks(q_lev_BP, k_lev_BP, block_q, block_k)
+    nq = vis.shape[1]
+    idx = jnp.arange(nq, dtype=jnp.int32)[None, :, None]
+    return jnp.min(jnp.where(vis, idx, nq), axis=1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _fwd_kernel(hi_ref, q_lev_ref, k_lev_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c, block_k, precision):
+    """One query block: online softmax over key blocks ``[0, hi)``; stores o and base-2 lse."""
+    q = q_ref[...]
+    q_lev = q_lev_ref[...]
+    block_q, d = q.shape
+
+    def body(j, carry):
+        acc, m, l = carry
+        ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+        k = k_ref[ks, :]
+        visible = k_lev_ref[ks][None, :] <= q_lev[:, None]
+        s = dot(q, k, trans_b=True, precision=precision) * c
+        s = jnp.where(visible, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen nothing yet
+        p = jnp.exp2(s - m_use[:, None])
+        alpha = jnp.exp2(m - m_use)
+        l = l * alpha + jnp.sum(p, axis=1)
+        v = v_ref[ks, :]
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=precision)
+        return acc, m_new, l
+
+    init = (
+        jnp.zeros((block_q, d), jnp.float32),
+        jnp.full((block_q,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    acc, m, l = lax.fori_loop(0, hi_ref[()], body, init)
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l_safe))
+
+
+def _dkv_kernel(
+    lo_ref, q_lev_ref, k_lev_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+    *, c, scale, block_q, num_q_blocks, precision,
+):
+    """One key block: dk, dv accumulated over query blocks ``[lo, nq)``."""
+    k = k_ref[...]
+    v = v_ref[...]
+    k_lev = k_lev_ref[...]
+    block_k, d = k.shape
+
+    def body(i, carry):
+        dk, dv = carry
+        qs = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
+        q = q_ref[qs, :]
+        do = do_ref[qs, :]
+        visible = k_lev[None, :] <= q_lev_ref[qs][:, None]
+        s = dot(q, k, trans_b=True, precision=precision) * c
+        p = jnp.where(visible, jnp.exp2(s - lse_ref[qs][:, None]), 0.0)
+        dv = dv + dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
+        dp = dot(do, v, trans_b=True, precision=precision)
+        ds = p * (dp - delta_ref[qs][:, None])
+        dk = dk + dot(ds.astype(q.dtype), q, trans_a=True, precision=precision)
+        return dk, dv
+
+    init = (jnp.zeros((block_k, d), jnp.float32), jnp.zeros((block_k, d), jnp.float32))
+    dk, dv = lax.fori_loop(lo_ref[()], num_q_blocks, body, init)
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(
+    hi_ref, q_lev_ref, k_lev_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+    *, c, scale, block_k, precision,
+):
+    """One query block: dq accumulated over key blocks ``[0, hi)``."""
+    q = q_ref[...]
+    do = do_ref[...]
+    q_lev = q_lev_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    block_q, d = q.shape
+
+    def body(j, dq):
+        ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+        k = k_ref[ks, :]
+        v = v_ref[ks, :]
+        visible = k_lev_ref[ks][None, :] <= q_lev[:, None]
+        s = dot(q, k, trans_b=True, precision=precision) * c
+        p = jnp.where(visible, jnp.exp2(s - lse[:, None]), 0.0)
+        dp = dot(do, v, trans_b=True, precision=precision)
+        ds = p * (dp - delta[:, None])
+        return dq + dot(ds.astype(k.dtype), k, precision=precision)
+
+    dq = lax.fori_loop(0, hi_ref[()], body, jnp.zeros((block_q, d), jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- pallas calls
+# Block shapes: SQ is a squeezed (indexed-away) dimension, so a ``(SQ, bq, SQ, D)`` block of a
+# ``[B, P, H, D]`` array is a ``[bq, D]`` ref in the kernel and ``(SQ, SQ)`` of a table is a scalar.
+
+
+def _fwd_call(q, k, v, q_lev, k_lev, hi, st: _Static):
+    B, Pq, H, D = q.shape
+    Pk = k.shape[1]
+    bq, nq = st.block_q, Pq // st.block_q
+    rev = lambda i: nq - 1 - i  # noqa: E731  (heavy, late query blocks first)
+    kernel = functools.partial(
+        _fwd_kernel, c=st.scale * LOG2E, block_k=st.block_k, precision=st.precision
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(nq, B, H),
+        in_specs=[
+            pl.BlockSpec((SQ, SQ), lambda i, b, h: (b, rev(i))),
+            pl.BlockSpec((SQ, bq), lambda i, b, h: (b, rev(i))),
+            pl.BlockSpec((SQ, Pk), lambda i, b, h: (b, 0)),
+            pl.BlockSpec((SQ, bq, SQ, D), lambda i, b, h: (b, rev(i), h, 0)),
+            pl.BlockSpec((SQ, Pk, SQ, D), lambda i, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((SQ, Pk, SQ, D), lambda i, b, h: (b, 0, h, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((SQ, bq, SQ, D), lambda i, b, h: (b, rev(i), h, 0)),
+            pl.BlockSpec((SQ, SQ, bq), lambda i, b, h: (b, h, rev(i))),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((B, H, Pq), jnp.float32),
+        ],
+        compiler_params=triton_compiler_params(st.num_warps, st.num_stages),
+        interpret=st.interpret,
+        name="hart_level_attention_fwd",
+    )(hi, q_lev, k_lev, q, k, v)
+
+
+def _bwd_calls(q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse, do, st: _Static):
+    B, Pq, H, D = q.shape
+    Pk = k.shape[1]
+    bq, bk = st.block_q_bwd, st.block_k_bwd
+    nq, nk = Pq // bq, Pk // bk
+    params = triton_compiler_params(st.num_warps_bwd, st.num_stages_bwd)
+    delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
+
+    full_q = pl.BlockSpec((SQ, Pq, SQ, D), lambda j, b, h: (b, 0, h, 0))
+    full_k = pl.BlockSpec((SQ, Pk, SQ, D), lambda j, b, h: (b, 0, h, 0))
+    full_row_q = pl.BlockSpec((SQ, SQ, Pq), lambda j, b, h: (b, h, 0))
+    blk_k = pl.BlockSpec((SQ, bk, SQ, D), lambda j, b, h: (b, j, h, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(
+            _dkv_kernel, c=st.scale * LOG2E, scale=st.scale, block_q=bq, num_q_blocks=nq,
+            precision=st.precision,
+        ),
+        grid=(nk, B, H),
+        in_specs=[
+            pl.BlockSpec((SQ, SQ), lambda j, b, h: (b, j)),
+            pl.BlockSpec((SQ, Pq), lambda j, b, h: (b, 0)),
+            pl.BlockSpec((SQ, bk), lambda j, b, h: (b, j)),
+            full_q, blk_k, blk_k, full_q, full_row_q, full_row_q,
+        ],
+        out_specs=[blk_k, blk_k],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=params,
+        interpret=st.interpret,
+        name="hart_level_attention_dkv",
+    )(dkv_lo, q_lev, k_lev, q, k, v, do, lse, delta)
+
+    rev = lambda i: nq - 1 - i  # noqa: E731
+    blk_q = pl.BlockSpec((SQ, bq, SQ, D), lambda i, b, h: (b, rev(i), h, 0))
+    blk_row_q = pl.BlockSpec((SQ, SQ, bq), lambda i, b, h: (b, h, rev(i)))
+    dq = pl.pallas_call(
+        functools.partial(
+            _dq_kernel, c=st.scale * LOG2E, scale=st.scale, block_k=bk, precision=st.precision
+        ),
+        grid=(nq, B, H),
+        in_specs=[
+            pl.BlockSpec((SQ, SQ), lambda i, b, h: (b, rev(i))),
+            pl.BlockSpec((SQ, bq), lambda i, b, h: (b, rev(i))),
+            pl.BlockSpec((SQ, Pk), lambda i, b, h: (b, 0)),
+            blk_q, full_k, full_k, blk_q, blk_row_q, blk_row_q,
+        ],
+        out_specs=blk_q,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=params,
+        interpret=st.interpret,
+        name="hart_level_attention_dq",
+    )(dq_hi, q_lev, k_lev, q, k, v, do, lse, delta)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _flash(q, k, v, q_lev, k_lev, fwd_hi, dq_hi, dkv_lo, st: _Static):
+    return _fwd_call(q, k, v, q_lev, k_lev, fwd_hi, st)[0]
+
+
+def _flash_fwd(q, k, v, q_lev, k_lev, fwd_hi, dq_hi, dkv_lo, st: _Static):
+    o, lse = _fwd_call(q, k, v, q_lev, k_lev, fwd_hi, st)
+    return o, (q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse)
+
+
+def _flash_bwd(st: _Static, res, do):
+    q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse = res
+    dq, dk, dv = _bwd_calls(q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse, do, st)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def level_attention(
+    q_BLqHD: jax.Array,
+    k_BLkHD: jax.Array,
+    v_BLkHD: jax.Array,
+    q_levels: jax.Array,
+    k_levels: jax.Array,
+    *,
+    scale: float,
+    config: LevelAttentionConfig | None = None,
+    precision: lax.Precision = lax.Precision.HIGHEST,
+    interpret: bool = False,
+) -> jax.Array:
+    """Fused attention with ``level(k) <= level(q)`` masking; differentiable in q, k, v.
+
+    Args:
+      q_BLqHD, k_BLkHD, v_BLkHD: float32 / bfloat16 / float16, same dtype.
+      q_levels, k_levels: integer level ids, ``[Lq]`` / ``[Lk]`` or ``[B, Lq]`` / ``[B, Lk]``.
+      scale: softmax scale (HART: ``0.25 / sqrt(D)``).
+      config: tile sizes and launch parameters.
+      precision: matmul precision inside the kernel; ``HIGHEST`` keeps fp32 inputs
+        at IEEE fp32 (``DEFAULT`` lets Triton use TF32); no effect on bf16.
+      interpret: run the kernels with the Pallas interpreter (CPU tests).
+
+    Returns:
+      ``[B, Lq, H, D]`` in the input dtype.
+    """
+    check_qkv(q_BLqHD, k_BLkHD, v_BLkHD)
+    cfg = config or LevelAttentionConfig()
+    B, Lq, H, D = q_BLqHD.shape
+    Lk = k_BLkHD.shape[1]
+    q_lev = levels_2d(q_levels, B, Lq, "q_levels")
+    k_lev = levels_2d(k_levels, B, Lk, "k_levels")
+
+    st = _Static(
+        scale=float(scale),
+        block_q=fit_block(cfg.block_q, Lq),
+        block_k=fit_block(cfg.block_k, Lk),
+        block_q_bwd=fit_block(cfg.block_q_bwd, Lq),
+        block_k_bwd=fit_block(cfg.block_k_bwd, Lk),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        num_warps_bwd=cfg.num_warps_bwd,
+        num_stages_bwd=cfg.num_stages_bwd,
+        precision=precision,
+        interpret=bool(interpret),
+    )
+    Pq = round_up(Lq, max(st.block_q, st.block_q_bwd))
+    Pk = round_up(Lk, max(st.block_k, st.block_k_bwd))
+    Dp = padded_head_dim(D)
+
+    q = pad_axis(pad_axis(q_BLqHD, 3, Dp), 1, Pq)
+    k = pad_axis(pad_axis(k_BLkHD, 3, Dp), 1, Pk)
+    v = pad_axis(pad_axis(v_BLkHD, 3, Dp), 1, Pk)
+    q_lev = pad_axis(q_lev, 1, Pq, PAD_Q_LEVEL)
+    k_lev = pad_axis(k_lev, 1, Pk, PAD_K_LEVEL)
+
+    fwd_hi = kv_upper_bounds(q_lev, k_lev, st.block_q, st.block_k)
+    dq_hi = kv_upper_bounds(q_lev, k_lev, st.block_q_bwd, st.block_k_bwd)
+    dkv_lo = q_lower_bounds(q_lev, k_lev, st.block_q_bwd, st.block_k_bwd)
+    o = _flash(q, k, v, q_lev, k_lev, fwd_hi, dq_hi, dkv_lo, st)
+    return o[:, :Lq, :, :D]

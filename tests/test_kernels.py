@@ -1,0 +1,347 @@
+"""Pallas attention kernels vs their jnp references (interpret mode on CPU), CUDA lowering, dispatcher.
+
+Lowering for the GPU without one: on JAX 0.10.2 with a CPU-only jaxlib,
+``jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`` runs the Pallas
+-> Triton lowering (the kernel's Triton IR is serialised into the
+``__gpu$xla.gpu.triton`` custom call), so Pallas lowering errors (non power-of-two
+shapes, unsupported ops) fail here in CI. What it cannot catch is a failure
+inside Triton's own compiler, which runs only on a GPU. cuDNN cannot be lowered
+this way (``jax.nn.dot_product_attention`` asks for the cuDNN version at trace
+time and raises "cuDNN is not detected").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hart_jax import attention as attn
+from hart_jax.kernels.cache_attention import CacheAttentionConfig, cache_attention, padded_cache_length
+from hart_jax.kernels.level_attention import (
+    LevelAttentionConfig,
+    PAD_K_LEVEL,
+    PAD_Q_LEVEL,
+    kv_upper_bounds,
+    level_attention,
+    q_lower_bounds,
+)
+from hart_jax.kernels.reference import cache_attention_reference, level_attention_reference, level_mask
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+# Small tiles so the short test sequences span several blocks in every kernel.
+SMALL = LevelAttentionConfig(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def hart_levels(context_tokens: int, patch_nums, last_kept: int | None = None) -> np.ndarray:
+    """Training level ids: text 0, scale s (s >= 1) has pn_s**2 tokens of level s; the last
+    scale keeps ``last_kept`` tokens (they keep their level)."""
+    parts = [np.zeros(context_tokens, np.int32)]
+    for s, pn in enumerate(patch_nums):
+        if s == 0:
+            continue
+        n = pn * pn if (s < len(patch_nums) - 1 or last_kept is None) else last_kept
+        parts.append(np.full(n, s, np.int32))
+    return np.concatenate(parts)
+
+
+def fixture_layout(golden_dir):
+    """Level ids ``[B, L]`` and head count of the fixture transformer (config + kept mask)."""
+    cfg = json.loads((golden_dir / "llm" / "config.json").read_text())
+    kept = np.load(golden_dir / "t2i_golden.npz")["tf_last_kept"]
+    rows = [hart_levels(cfg["context_token"], cfg["patch_nums"], int(k.sum())) for k in kept]
+    return np.stack(rows), cfg["num_heads"], cfg["embed_dim"] // cfg["num_heads"]
+
+
+def rand(key, shape, dtype):
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def assert_tree_close(actual, expected, tol, names):
+    for a, e, n in zip(actual, expected, names):
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(e, np.float32), atol=tol, rtol=tol, err_msg=n
+        )
+
+
+def check_level_attention(q_lev, k_lev, B, Lq, Lk, H, D, dtype, config, seed=0):
+    """Pallas (interpret) vs fp32 reference: output and dq, dk, dv for a random cotangent."""
+    kq, kk, kv, kd = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q, do = rand(kq, (B, Lq, H, D), dtype), rand(kd, (B, Lq, H, D), dtype)
+    k, v = rand(kk, (B, Lk, H, D), dtype), rand(kv, (B, Lk, H, D), dtype)
+    scale = 0.25 / np.sqrt(D)
+
+    def kernel(q, k, v):
+        return level_attention(q, k, v, q_lev, k_lev, scale=scale, config=config, interpret=True)
+
+    def ref(q, k, v):
+        return level_attention_reference(q, k, v, q_lev, k_lev, scale)
+
+    @jax.jit
+    def run(q, k, v, do):
+        o, vjp = jax.vjp(kernel, q, k, v)
+        return (o, *vjp(do))
+
+    @jax.jit
+    def run_ref(q, k, v, do):
+        o, vjp = jax.vjp(ref, q, k, v)
+        return (o, *vjp(do))
+
+    got = run(q, k, v, do)
+    want = run_ref(*(x.astype(jnp.float32) for x in (q, k, v, do)))
+    assert all(g.dtype == dtype for g in got)
+    assert_tree_close(got, want, TOL[dtype], ["out", "dq", "dk", "dv"])
+    return got, want
+
+
+# ----------------------------------------------------------------------------- interpret mode
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_level_attention_text_and_three_scales(dtype):
+    """L = 300 + 4 + 9 + 16 (HART's first levels): not a multiple of any block size."""
+    lev = hart_levels(300, (1, 2, 3, 4))
+    assert len(lev) == 329
+    check_level_attention(lev, lev, 1, 329, 329, 2, 16, dtype, SMALL)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_level_attention_fixture_layout(golden_dir, dtype):
+    """The fixture model's full layout [6 text | 4 | 9 | 16 | 32 kept of 36], per-batch level ids,
+    default tile sizes (one padded 128-query block, two 64-key blocks)."""
+    lev_BL, H, D = fixture_layout(golden_dir)
+    B, L = lev_BL.shape
+    assert L == 6 + 4 + 9 + 16 + 32
+    check_level_attention(lev_BL, lev_BL, B, L, L, H, D, dtype, None, seed=1)
+
+
+def test_level_attention_unsorted_levels_and_blind_queries():
+    """Arbitrary per-batch level ids, Lq != Lk, a head dim that is padded (24 -> 32), and
+    queries whose level is below every key's (they see nothing: zero output, zero grads)."""
+    B, Lq, Lk, H, D = 2, 45, 77, 2, 24
+    rng = np.random.default_rng(0)
+    q_lev = rng.integers(0, 5, (B, Lq)).astype(np.int32)
+    k_lev = rng.integers(1, 5, (B, Lk)).astype(np.int32)
+    q_lev[:, :3] = 0  # blind rows
+    got, want = check_level_attention(q_lev, k_lev, B, Lq, Lk, H, D, jnp.float32, SMALL, seed=2)
+    assert np.all(np.asarray(got[0])[:, :3] == 0.0) and np.all(np.asarray(got[1])[:, :3] == 0.0)
+    assert np.all(np.isfinite(np.asarray(got[2])))
+
+
+def test_block_tables_skip_exactly_the_masked_blocks():
+    """Every block pair outside the kernels' loop ranges is fully masked (any level order), and for
+    HART's sorted layout every pair inside is not, so the text blocks never read later scales."""
+    bq, bk = 32, 16
+
+    def pad(lev, block, value):
+        return np.concatenate([lev, np.full(-len(lev) % block, value, np.int32)])
+
+    def block_visibility(q_lev, k_lev):
+        vis = np.asarray(level_mask(jnp.asarray(q_lev[None]), jnp.asarray(k_lev[None])))[0]
+        nq, nk = len(q_lev) // bq, len(k_lev) // bk
+        return vis.reshape(nq, bq, nk, bk).any(axis=(1, 3))
+
+    rng = np.random.default_rng(3)
+    sorted_lev = hart_levels(300, (1, 2, 3, 4))
+    for lev, tight in [(sorted_lev, True), (rng.permutation(sorted_lev), False)]:
+        q_lev, k_lev = pad(lev, bq, PAD_Q_LEVEL), pad(lev, bk, PAD_K_LEVEL)
+        vis = block_visibility(q_lev, k_lev)
+        hi = np.asarray(kv_upper_bounds(jnp.asarray(q_lev[None]), jnp.asarray(k_lev[None]), bq, bk))[0]
+        lo = np.asarray(q_lower_bounds(jnp.asarray(q_lev[None]), jnp.asarray(k_lev[None]), bq, bk))[0]
+        nq, nk = vis.shape
+        in_fwd = np.arange(nk)[None, :] < hi[:, None]
+        in_bwd = np.arange(nq)[:, None] >= lo[None, :]
+        assert not np.any(vis & ~in_fwd) and not np.any(vis & ~in_bwd)
+        if tight:
+            np.testing.assert_array_equal(in_fwd, vis)
+            np.testing.assert_array_equal(in_bwd, vis)
+            assert hi[0] == -(-300 // bk) < nk  # text queries stop at the end of the text
+            assert lo[-1] == 313 // bq  # the last key block (level 3) is read from the first level-3 query on
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cache_attention(dtype):
+    """One scale's 9 queries against a 71-entry cache; per-batch valid lengths incl. 0 and a full
+    cache, and a scalar length; values above the cache size are clamped."""
+    B, Lq, Lm, H, D = 3, 9, 71, 2, 16
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(4), 3)
+    q = rand(kq, (B, Lq, H, D), dtype)
+    k_cache, v_cache = rand(kk, (B, Lm, H, D), dtype), rand(kv, (B, Lm, H, D), dtype)
+    scale = 0.25 / np.sqrt(D)
+    run = jax.jit(
+        lambda q, kc, vc, n: cache_attention(
+            q, kc, vc, n, scale=scale, config=CacheAttentionConfig(block_k=16), interpret=True
+        )
+    )
+    run_ref = jax.jit(lambda q, kc, vc, n: cache_attention_reference(q, kc, vc, n, scale))
+    f32 = [x.astype(jnp.float32) for x in (q, k_cache, v_cache)]
+    for n in (jnp.array([19, 71, 0], jnp.int32), jnp.array([80, 5, 16], jnp.int32), jnp.array(35, jnp.int32)):
+        got = run(q, k_cache, v_cache, n)
+        want = run_ref(*f32, n)
+        assert got.dtype == dtype
+        assert_tree_close([got], [want], TOL[dtype], [f"valid_len={n}"])
+    assert np.all(np.asarray(run(q, k_cache, v_cache, jnp.array([19, 71, 0], jnp.int32)))[2] == 0.0)
+
+
+def test_cache_attention_is_forward_only():
+    q = jnp.ones((1, 4, 1, 16))
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        jax.grad(lambda q: cache_attention(q, q, q, 4, scale=0.1, interpret=True).sum())(q)
+
+
+def test_padded_cache_length():
+    assert padded_cache_length(9750) == 9856 and padded_cache_length(9856) == 9856
+
+
+# ----------------------------------------------------------------------------- CUDA lowering
+
+
+def _lower_cuda(f, *args) -> str:
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_level_attention_lowers_for_cuda(dtype):
+    """Forward (1 kernel) and gradient (forward + dk/dv + dq kernels) at the 0.7B model's
+    training shape: 24 heads x 64, L = 9750 with HART's 14-level layout."""
+    lev = hart_levels(300, (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64))
+    assert len(lev) == 9750
+    x = jax.ShapeDtypeStruct((1, 9750, 24, 64), dtype)
+    scale = 0.25 / 8
+
+    def f(q, k, v):
+        return level_attention(q, k, v, lev, lev, scale=scale)
+
+    def g(q, k, v):
+        return jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    assert _lower_cuda(f, x, x, x).count(TRITON_CALL) == 1
+    assert _lower_cuda(g, x, x, x).count(TRITON_CALL) == 3
+
+
+def test_small_shapes_lower_for_cuda():
+    """Head dims 16 and 24 (padded to 32), a 67-token sequence and the smallest tiles."""
+    for D in (16, 24):
+        x = jax.ShapeDtypeStruct((2, 67, 4, D), jnp.bfloat16)
+        lev = jax.ShapeDtypeStruct((2, 67), jnp.int32)
+        g = lambda q, k, v, lv: jax.grad(  # noqa: E731
+            lambda q, k, v: level_attention(q, k, v, lv, lv, scale=0.1, config=SMALL).astype(jnp.float32).sum(),
+            argnums=(0, 1, 2),
+        )(q, k, v)
+        assert _lower_cuda(g, x, x, x, lev).count(TRITON_CALL) == 3
+
+
+@pytest.mark.parametrize("Lq", [4, 4096])
+def test_cache_attention_lowers_for_cuda(Lq):
+    """Sampling stages of the 1024 px model: 2x2 scale and the last 64x64 scale, CFG batch,
+    against a 9856-entry cache with per-row valid lengths."""
+    q = jax.ShapeDtypeStruct((4, Lq, 24, 64), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((4, padded_cache_length(9750), 24, 64), jnp.bfloat16)
+    n = jax.ShapeDtypeStruct((4,), jnp.int32)
+    f = lambda q, kc, vc, n: cache_attention(q, kc, vc, n, scale=0.25 / 8)  # noqa: E731
+    text = _lower_cuda(f, q, cache, cache, n)
+    assert text.count(TRITON_CALL) == 1
+    # the cache is passed to the kernel as is: no padded copy of it
+    pads = [line for line in text.splitlines() if "stablehlo.pad" in line]
+    assert not any("9856" in line for line in pads), pads
+
+
+# ----------------------------------------------------------------------------- dispatcher
+
+
+def test_resolve_impl_defaults_and_logs_once(caplog):
+    attn._logged.clear()
+    with caplog.at_level(logging.INFO, logger="hart_jax.attention"):
+        assert attn.resolve_impl("auto", "cpu") == "xla"
+        assert attn.resolve_impl(None, "cpu") == "xla"
+        assert attn.resolve_impl("auto", "cpu") == "xla"
+        assert attn.resolve_impl("auto", "gpu") == attn.FASTEST_MEASURED_GPU_IMPL
+        assert attn.resolve_impl("cudnn", "gpu") == "cudnn"
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs == [  # None is "auto": logged once with it
+        "attention_impl=xla (requested auto, backend cpu)",
+        f"attention_impl={attn.FASTEST_MEASURED_GPU_IMPL} (requested auto, backend gpu)",
+        "attention_impl=cudnn (requested cudnn, backend gpu)",
+    ]
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        attn.resolve_impl("flash", "gpu")
+
+
+def test_dispatcher_impls_agree():
+    """xla and pallas (interpret, via the global flag) through the dispatcher, both entry points."""
+    lev = hart_levels(6, (1, 2, 3, 4))
+    B, L, H, D = 2, len(lev), 2, 16
+    ks = jax.random.split(jax.random.PRNGKey(5), 3)
+    q, k, v = (rand(kk, (B, L, H, D), jnp.float32) for kk in ks)
+    want = level_attention_reference(q, k, v, lev, lev, 0.0625)
+    attn.set_pallas_interpret(True)
+    try:
+        for impl in ("xla", "pallas"):
+            run = jax.jit(
+                lambda q, k, v, impl=impl: attn.attention(
+                    q, k, v, q_levels=lev, k_levels=lev, scale=0.0625, impl=impl
+                )
+            )
+            got = run(q, k, v)
+            assert_tree_close([got], [want], 1e-5, [impl])
+        want_c = cache_attention_reference(q[:, :9], k, v, 19, 0.0625)
+        for impl in ("xla", "pallas"):
+            got = attn.cache_attention(q[:, :9], k, v, valid_len=19, scale=0.0625, impl=impl)
+            assert_tree_close([got], [want_c], 1e-5, [f"cache {impl}"])
+    finally:
+        attn.set_pallas_interpret(False)
+    assert attn.resolve_impl("auto") == "xla"  # this machine is a CPU
+    # xla path in bf16: bf16 matmul operands, fp32 softmax
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    got = attn.attention(qb, kb, vb, q_levels=lev, k_levels=lev, scale=0.0625, impl="xla")
+    assert got.dtype == jnp.bfloat16
+    assert_tree_close([got], [want], 2e-2, ["xla bf16"])
+
+
+def test_kernel_precision_follows_xla_rules():
+    assert attn._kernel_precision(None) == jax.lax.Precision.HIGHEST  # conftest: highest
+    with jax.default_matmul_precision("bfloat16"):
+        assert attn._kernel_precision(None) == jax.lax.Precision.DEFAULT
+    assert attn._kernel_precision(jax.lax.Precision.DEFAULT) == jax.lax.Precision.DEFAULT
+
+
+def test_dispatcher_rejects_bad_inputs():
+    q = jnp.zeros((1, 5, 2, 16), jnp.float32)
+    lev = np.zeros(5, np.int32)
+    with pytest.raises(ValueError, match="cudnn.*bfloat16"):
+        attn.attention(q, q, q, q_levels=lev, k_levels=lev, scale=0.1, impl="cudnn")
+    with pytest.raises(ValueError, match="q_levels must have shape"):
+        attn.attention(q, q, q, q_levels=np.zeros(4, np.int32), k_levels=lev, scale=0.1, impl="xla")
+    with pytest.raises(ValueError, match="integer level ids"):
+        level_attention(q, q, q, lev.astype(np.float32), lev, scale=0.1, interpret=True)
+    with pytest.raises(ValueError, match="share a dtype"):
+        level_attention(q, q.astype(jnp.bfloat16), q, lev, lev, scale=0.1, interpret=True)
+    with pytest.raises(ValueError, match="valid_len must be a scalar"):
+        cache_attention(q, q, q, jnp.zeros(3, jnp.int32), scale=0.1, interpret=True)
+    with pytest.raises(ValueError, match="power of two"):
+        LevelAttentionConfig(block_q=48)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def test_attention_bench_smoke(tmp_path):
+    """The benchmark's smoke mode runs in-process on CPU and writes its JSON."""
+    from bench import attention_bench
+
+    out = tmp_path / "bench.json"
+    result = attention_bench.main(["--smoke", "--stages", "4", "--out", str(out)])
+    assert json.loads(out.read_text())["training"] == result["training"]
+    assert result["matmul_peak"]["tflops"] > 0
+    by = {(r["pass"], r["impl"]): r for r in result["training"]}
+    for impl in ("xla", "pallas"):
+        for p in ("fwd", "fwd+bwd"):
+            assert by[(p, impl)]["tflops"] > 0, by[(p, impl)]
+    assert "error" in by[("fwd", "cudnn")]  # no cuDNN on a CPU: recorded, not fatal
+    stages = [(r["stage"], r["impl"]) for r in result["sampling"] if "ms" in r]
+    assert stages == [(4, "xla"), (4, "pallas")]
