@@ -1,0 +1,457 @@
+"""Converter for a Qwen2 / Qwen2-VL checkpoint directory (HART's text encoder).
+
+Reads ``config.json`` and the weights: one ``model.safetensors`` /
+``pytorch_model.bin``, or shards listed by ``model.safetensors.index.json`` /
+``pytorch_model.bin.index.json``. Language-model keys may carry a prefix
+(``model.`` as saved by ``Qwen2ForCausalLM`` and Qwen2-VL checkpoints,
+``model.language_model.`` or ``language_model.model.`` as other transformers
+versions hold them, or none as ``Qwen2Model`` saves them). Vision-tower keys
+(``visual.*``), ``lm_head.*`` and rotary buffers are skipped.
+
+``save_text_encoder`` writes a self-contained converted directory: the Flax
+params and config (``hart_jax.checkpoint.save_converted``, kind
+``text_encoder``), HART's prompt prefix as ``prompt_prefix.txt`` (read from the
+original package's ``constants.py`` or a text file and checked against the
+release's SHA-256), ``prompt.json`` and the tokenizer files of the source.
+
+Command line::
+
+    python -m hart_jax.convert.qwen2 SRC_DIR OUT_DIR --prefix-from hart/utils/constants.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from hart_jax.checkpoint import load_converted, save_converted
+from hart_jax.convert.table import Rule, apply_table, dense_rules, norm_rules
+from hart_jax.convert.torch_io import _to_numpy, find_weight_file, load_state_dict, read_json
+from hart_jax.errors import CheckpointError, HartError
+from hart_jax.models.text_encoder import Qwen2Config, abstract_variables
+
+KIND = "text_encoder"
+PREFIX_FILE = "prompt_prefix.txt"
+PROMPT_FILE = "prompt.json"
+# SHA-256 of the UTF-8 bytes of ``llm_system_prompt`` in hart/utils/constants.py (release e28a41f).
+RELEASE_PREFIX_SHA256 = "424f7aa7b1119f8ed1e329140e5941dfe308183bea0af59041dad5527a9b8f20"
+PREFIX_VARIABLE = "llm_system_prompt"
+DEFAULT_MAX_LENGTH = 300
+
+# Where the language model sits in the state dicts we know, most specific first.
+LM_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.", "")
+IGNORE = (
+    r"(model\.)?visual\.",
+    r"(language_model\.)?lm_head\.",
+    r"(.*\.)?rotary_emb\.inv_freq\Z",
+)
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+# ---------------------------------------------------------------------- table
+def qwen2_rules() -> list[Rule]:
+    """The full PyTorch -> Flax table of ``Qwen2Model`` (keys without a prefix)."""
+    layer_t, layer_f = "layers.{i}", "layers_{i}"
+    return (
+        [Rule("embed_tokens.weight", "embed_tokens/embedding")]
+        + dense_rules(f"{layer_t}.self_attn.q_proj", f"{layer_f}/self_attn/q_proj")
+        + dense_rules(f"{layer_t}.self_attn.k_proj", f"{layer_f}/self_attn/k_proj")
+        + dense_rules(f"{layer_t}.self_attn.v_proj", f"{layer_f}/self_attn/v_proj")
+        + dense_rules(f"{layer_t}.self_attn.o_proj", f"{layer_f}/self_attn/o_proj", bias=False)
+        + dense_rules(f"{layer_t}.mlp.gate_proj", f"{layer_f}/mlp/gate_proj", bias=False)
+        + dense_rules(f"{layer_t}.mlp.up_proj", f"{layer_f}/mlp/up_proj", bias=False)
+        + dense_rules(f"{layer_t}.mlp.down_proj", f"{layer_f}/mlp/down_proj", bias=False)
+        + norm_rules(f"{layer_t}.input_layernorm", f"{layer_f}/input_layernorm", bias=False)
+        + norm_rules(f"{layer_t}.post_attention_layernorm", f"{layer_f}/post_attention_layernorm", bias=False)
+        + norm_rules("norm", "norm", bias=False)
+    )
+
+
+def lm_prefix(keys: Sequence[str]) -> str:
+    """The language-model prefix of a state dict: the first of ``LM_PREFIXES``
+    under which ``embed_tokens.weight`` exists ("" if none does)."""
+    keyset = set(keys)
+    for p in LM_PREFIXES:
+        if f"{p}embed_tokens.weight" in keyset:
+            return p
+    return ""
+
+
+def strip_lm_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove the language-model prefix from the keys that carry it (others kept)."""
+    p = lm_prefix(list(state))
+    if not p:
+        return dict(state)
+    return {(k[len(p):] if k.startswith(p) else k): v for k, v in state.items()}
+
+
+def _skipped(key: str) -> bool:
+    return any(re.match(p, key) for p in IGNORE)
+
+
+def expected_qwen2_params(cfg: Qwen2Config) -> dict[str, Any]:
+    """Shapes of the model's params for ``cfg`` via ``jax.eval_shape`` (nothing allocated)."""
+    import flax.linen as nn
+
+    return dict(nn.unbox(abstract_variables(cfg))["params"])
+
+
+def convert_qwen2_state(
+    state: Mapping[str, Any], cfg: Qwen2Config, *, source: str = "text encoder", shapes_only: bool = False
+) -> dict[str, Any]:
+    """Map a (prefixed or bare) Qwen2 / Qwen2-VL state dict onto the Flax params of ``cfg``."""
+    stripped = strip_lm_prefix(state)
+    # Vision/lm_head keys may keep an outer prefix the language model does not share.
+    kept = {k: v for k, v in stripped.items() if not _skipped(k)}
+    return apply_table(
+        kept, qwen2_rules(), expected_qwen2_params(cfg), source=source, shapes_only=shapes_only
+    )
+
+
+# ------------------------------------------------------------------- loading
+def load_qwen2_config(src_dir: str | os.PathLike) -> Qwen2Config:
+    """``Qwen2Config`` from ``<src_dir>/config.json``; errors name the file."""
+    path = Path(src_dir) / "config.json"
+    try:
+        return Qwen2Config.from_hf_dict(read_json(path), source=str(path))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+
+
+def _load_safetensors_filtered(path: Path, keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
+    """Tensors of one ``.safetensors`` file whose key passes ``keep`` (others never read)."""
+    try:
+        from safetensors import safe_open
+
+        out = {}
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                if keep(k):
+                    out[k] = _to_numpy(f.get_tensor(k))
+        return out
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or foreign?): {e}") from None
+
+
+def _load_file(path: Path, keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
+    if path.suffix == ".safetensors":
+        return _load_safetensors_filtered(path, keep)
+    return {k: v for k, v in load_state_dict(path).items() if keep(k)}
+
+
+def _keep_key(key: str) -> bool:
+    """False for keys we skip anyway (vision tower, LM head): they are never loaded."""
+    for p in LM_PREFIXES:
+        if p and key.startswith(p) and _skipped(key[len(p):]):
+            return False
+    return not _skipped(key)
+
+
+def weight_files(src_dir: str | os.PathLike) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files of ``src_dir`` and, when sharded, the index's key -> file map.
+
+    Every shard named by an index must exist; a missing one is a ``CheckpointError``
+    naming it (and the index).
+    """
+    d = Path(src_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a directory")
+    for name in INDEX_FILES:
+        idx = d / name
+        if idx.is_file():
+            wm = read_json(idx).get("weight_map")
+            if not isinstance(wm, dict) or not wm:
+                raise CheckpointError(f"{idx}: no 'weight_map' object")
+            files = sorted(set(wm.values()))
+            missing = [f for f in files if not (d / f).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{d}: missing shard(s) {', '.join(missing)} listed in {name} "
+                    f"({len(files) - len(missing)} of {len(files)} present)"
+                )
+            return [d / f for f in files], dict(wm)
+    shards = sorted(p.name for p in d.glob("*-of-*.safetensors"))
+    if shards and not (d / "model.safetensors").is_file():
+        raise CheckpointError(
+            f"{d}: sharded weights ({', '.join(shards)}) but no {INDEX_FILES[0]}; the index is needed"
+        )
+    return [find_weight_file(d)], None
+
+
+def load_qwen2_state(src_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All language-model tensors of ``src_dir`` (one file or every indexed shard) as numpy."""
+    files, weight_map = weight_files(src_dir)
+    state: dict[str, np.ndarray] = {}
+    for f in files:
+        part = _load_file(f, _keep_key)
+        if weight_map is not None:
+            listed = {k for k, v in weight_map.items() if v == f.name and _keep_key(k)}
+            absent = sorted(listed - set(part))
+            if absent:
+                raise CheckpointError(
+                    f"{f}: lacks {len(absent)} key(s) the index lists for it, e.g. {', '.join(absent[:5])}"
+                )
+        state.update(part)
+    return state
+
+
+def convert_qwen2(src_dir: str | os.PathLike) -> tuple[Qwen2Config, dict[str, Any]]:
+    """Read a Qwen2 / Qwen2-VL checkpoint directory; return ``(config, {"params": ...})``."""
+    cfg = load_qwen2_config(src_dir)
+    state = load_qwen2_state(src_dir)
+    params = convert_qwen2_state(state, cfg, source=str(Path(src_dir)))
+    return cfg, {"params": params}
+
+
+# ------------------------------------------------------------- prompt prefix
+def sha256_text(text: str) -> str:
+    """SHA-256 hex digest of the UTF-8 bytes of ``text``."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _prefix_from_python(path: Path, variable: str = PREFIX_VARIABLE) -> str:
+    """The string literal assigned to ``variable`` at module level (parsed, never executed)."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except (SyntaxError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot parse as Python ({e})") from None
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        if any(isinstance(t, ast.Name) and t.id == variable for t in targets):
+            found.append(value)
+    if not found:
+        raise CheckpointError(f"{path}: no module-level assignment to {variable!r}")
+    value = found[-1]
+    if not (isinstance(value, ast.Constant) and isinstance(value.value, str)):
+        raise CheckpointError(f"{path}: {variable!r} is not assigned a plain string literal")
+    return value.value
+
+
+def _locate_original_constants() -> Path:
+    """``hart/utils/constants.py`` of an installed original package (found, not imported)."""
+    spec = importlib.util.find_spec("hart")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        p = Path(loc) / "utils" / "constants.py"
+        if p.is_file():
+            return p
+    raise CheckpointError(
+        "no prompt prefix source given and no original 'hart' package with hart/utils/constants.py "
+        "is installed; pass the original constants.py or a text file holding the prefix"
+    )
+
+
+def read_prompt_prefix(
+    source: str | os.PathLike | None = None,
+    *,
+    expected_sha256: str = RELEASE_PREFIX_SHA256,
+    allow_mismatch: bool = False,
+) -> str:
+    """HART's instruction prefix from the original source or a text file, hash-checked.
+
+    ``source`` is the original ``constants.py`` (the ``llm_system_prompt``
+    assignment is parsed with ``ast``), a directory holding the original package
+    (``hart/utils/constants.py`` or ``utils/constants.py`` under it), or a UTF-8
+    text file whose exact content is the prefix. ``None`` looks for an installed
+    original ``hart`` package. A SHA-256 other than ``expected_sha256`` is a
+    ``CheckpointError`` unless ``allow_mismatch``.
+    """
+    if source is None:
+        path = _locate_original_constants()
+    else:
+        path = Path(source)
+        if path.is_dir():
+            for rel in ("hart/utils/constants.py", "utils/constants.py", "constants.py"):
+                if (path / rel).is_file():
+                    path = path / rel
+                    break
+            else:
+                raise CheckpointError(f"{path}: directory holds no hart/utils/constants.py")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: prompt prefix source not found")
+    if path.suffix == ".py":
+        text = _prefix_from_python(path)
+    else:
+        try:
+            # newline="" keeps the file's line endings exactly.
+            with open(path, encoding="utf-8", newline="") as fh:
+                text = fh.read()
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{path}: not UTF-8 text ({e})") from None
+    digest = sha256_text(text)
+    if digest != expected_sha256 and not allow_mismatch:
+        raise CheckpointError(
+            f"{path}: prompt prefix SHA-256 {digest} does not match the release's {expected_sha256} "
+            f"({len(text)} characters read); pass allow_prefix_mismatch=True "
+            "(--allow-prefix-mismatch) to use a different prefix on purpose"
+        )
+    return text
+
+
+# ------------------------------------------------------------- save / load
+def tokenizer_files(tokenizer_dir: str | os.PathLike) -> dict[str, bytes]:
+    """The tokenizer files present in ``tokenizer_dir`` (name -> bytes); errors if none."""
+    d = Path(tokenizer_dir)
+    files = {n: (d / n).read_bytes() for n in TOKENIZER_FILES if (d / n).is_file()}
+    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= set(files):
+        raise CheckpointError(
+            f"{d}: no tokenizer files (need tokenizer.json or vocab.json + merges.txt; "
+            f"looked for {', '.join(TOKENIZER_FILES)})"
+        )
+    return files
+
+
+def save_text_encoder(
+    out_dir: str | os.PathLike,
+    cfg: Qwen2Config,
+    params: Mapping[str, Any],
+    *,
+    prefix: str,
+    tokenizer_dir: str | os.PathLike,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    source: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a self-contained converted text encoder directory; return its path.
+
+    ``params`` is the Flax params tree (the ``"params"`` collection). The
+    directory holds the params, ``config.json``, ``prompt_prefix.txt`` (exact
+    UTF-8 bytes), ``prompt.json`` (prefix hash, whether it is the release's,
+    ``max_length``) and the tokenizer files of ``tokenizer_dir``.
+    """
+    extra: dict[str, str | bytes] = dict(tokenizer_files(tokenizer_dir))
+    digest = sha256_text(prefix)
+    extra[PREFIX_FILE] = prefix.encode("utf-8")
+    extra[PROMPT_FILE] = (
+        json.dumps(
+            {
+                "prefix_file": PREFIX_FILE,
+                "prefix_sha256": digest,
+                "prefix_is_release": digest == RELEASE_PREFIX_SHA256,
+                "max_length": int(max_length),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    host = jax.tree_util.tree_map(np.asarray, dict(params))
+    return save_converted(out_dir, host, cfg.to_hf_dict(), kind=KIND, source=source, extra_files=extra, force=force)
+
+
+def convert_and_save(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    prefix_source: str | os.PathLike | None = None,
+    allow_prefix_mismatch: bool = False,
+    tokenizer_dir: str | os.PathLike | None = None,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    force: bool = False,
+) -> Path:
+    """Read the prefix (hash-checked), convert ``src_dir`` and save to ``out_dir``."""
+    prefix = read_prompt_prefix(prefix_source, allow_mismatch=allow_prefix_mismatch)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else Path(src_dir)
+    tokenizer_files(tok_dir)  # fail before the (long) conversion
+    cfg, variables = convert_qwen2(src_dir)
+    return save_text_encoder(
+        out_dir,
+        cfg,
+        variables["params"],
+        prefix=prefix,
+        tokenizer_dir=tok_dir,
+        max_length=max_length,
+        source=str(Path(src_dir).absolute()),
+        force=force,
+    )
+
+
+def load_text_encoder(ckpt_dir: str | os.PathLike) -> tuple[Qwen2Config, dict[str, Any], str, dict[str, Any]]:
+    """``(config, params, prefix, prompt settings)`` of a directory written by ``save_text_encoder``.
+
+    The prefix file is checked against the hash recorded in ``prompt.json``.
+    """
+    d = Path(ckpt_dir)
+    config, params = load_converted(d, kind=KIND)
+    cfg = Qwen2Config.from_hf_dict(config, source=str(d / "config.json"))
+    settings = read_json(d / PROMPT_FILE)
+    pfile = d / settings.get("prefix_file", PREFIX_FILE)
+    if not pfile.is_file():
+        raise CheckpointError(f"{pfile}: prompt prefix file missing")
+    prefix = pfile.read_bytes().decode("utf-8")
+    if sha256_text(prefix) != settings.get("prefix_sha256"):
+        raise CheckpointError(
+            f"{pfile}: SHA-256 {sha256_text(prefix)} differs from {settings.get('prefix_sha256')} "
+            f"recorded in {d / PROMPT_FILE} (file changed after conversion?)"
+        )
+    return cfg, dict(params), prefix, settings
+
+
+# ----------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> None:
+    """Convert a Qwen2 / Qwen2-VL directory into a hart-jax text encoder directory."""
+    ap = argparse.ArgumentParser(prog="python -m hart_jax.convert.qwen2", description=main.__doc__)
+    ap.add_argument("src_dir", help="Qwen2 / Qwen2-VL checkpoint directory (config.json, weights, tokenizer)")
+    ap.add_argument("out_dir", help="converted directory to write")
+    ap.add_argument(
+        "--prefix-from",
+        default=None,
+        help="original hart/utils/constants.py (or the package dir) or a text file with the prefix; "
+        "default: an installed original 'hart' package",
+    )
+    ap.add_argument(
+        "--allow-prefix-mismatch",
+        action="store_true",
+        help="accept a prefix whose SHA-256 differs from the release's",
+    )
+    ap.add_argument("--tokenizer-dir", default=None, help="tokenizer files (default: SRC_DIR)")
+    ap.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="prompt tokens (HART: 300)")
+    ap.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    a = ap.parse_args(argv)
+    try:
+        out = convert_and_save(
+            a.src_dir,
+            a.out_dir,
+            prefix_source=a.prefix_from,
+            allow_prefix_mismatch=a.allow_prefix_mismatch,
+            tokenizer_dir=a.tokenizer_dir,
+            max_length=a.max_length,
+            force=a.force,
+        )
+    except HartError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
