@@ -21,9 +21,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
+from hart_jax.kernels.cache_attention import padded_cache_length
 from hart_jax.models.autoencoder import HARTAutoEncoder
 from hart_jax.models.transformer import HARTTransformer
 
@@ -62,7 +64,7 @@ class SamplingConfig:
         return si / n1
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class InjectedNoise:
     """Noise recorded from a reference run, replacing the random draws (parity tests).
 
@@ -92,9 +94,40 @@ def top_k_top_p_mask(logits_BlV: jax.Array, top_k: int, top_p: float) -> jax.Arr
     return out
 
 
-def _cfg_mix(logits_2BlV: jax.Array, t: float) -> jax.Array:
+def cfg_mix(logits_2BlV: jax.Array, t: float) -> jax.Array:
+    """Guided logits ``(1 + t) cond - t uncond`` from ``[2B, l, V]`` (cond rows first)."""
     b = logits_2BlV.shape[0] // 2
     return (1 + t) * logits_2BlV[:b] - t * logits_2BlV[b:]
+
+
+def choose_tokens(
+    logits_BlV: jax.Array,
+    si: int,
+    ratio: float,
+    scfg: SamplingConfig,
+    codebook_VC: jax.Array,
+    key_sample: jax.Array,
+    key_gumbel: jax.Array,
+    gumbel_BlV: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Sample scale ``si``'s indices ``[B, l]`` from guided logits and return their code
+    vectors ``[B, l, Cv]``: codebook rows, or with ``more_smooth`` the Gumbel-softmax
+    mixture ``softmax((masked * (1 + r) + g) / tau) @ E`` on the top-k/top-p-masked logits."""
+    masked = top_k_top_p_mask(logits_BlV, scfg.stage_top_k(si, codebook_VC.shape[0]), scfg.top_p)
+    if scfg.greedy:
+        idx = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+    else:
+        idx = jax.random.categorical(key_sample, masked, axis=-1).astype(jnp.int32)
+    if not scfg.more_smooth:
+        return idx, jnp.take(codebook_VC, idx, axis=0)
+    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+    g = (
+        jnp.asarray(gumbel_BlV, jnp.float32)
+        if gumbel_BlV is not None
+        else jax.random.gumbel(key_gumbel, masked.shape, jnp.float32)
+    )
+    w = jax.nn.softmax((masked * (1 + ratio) + g) / tau, axis=-1)
+    return idx, jnp.einsum("blv,vc->blc", w, codebook_VC, precision=jax.lax.Precision.HIGHEST)
 
 
 def cfg_inputs(
@@ -124,7 +157,8 @@ def sample_images(
     """Generate ``[B, H, W, 3]`` images in [0, 1] from text features.
 
     ``context [B, T, Dc]`` (Qwen2 last hidden states), ``context_mask [B, T]`` bool,
-    ``context_position_ids [B, T]`` int. ``key`` drives every random draw unless
+    ``context_position_ids [B, T]`` int; for the class-conditional variant ``context``
+    is int labels ``[B]`` and the other two are None. ``key`` drives every random draw unless
     ``injected`` provides it. ``return_trace`` also returns a dict of every stage's
     CFG logits, indices, hidden states, f_hat and inputs (checked against fixtures).
     Jit with ``t2i``, ``tok``, ``scfg`` and ``return_trace`` static.
@@ -139,11 +173,15 @@ def sample_images(
     codebook = tok_vars["params"]["quantize"]["embedding"]["embedding"]
     quant = lambda fn, *a: tok.apply(tok_vars, *a, method=lambda m, *x: fn(m.quantize, *x))
 
-    ctx2, mask2, pos2 = cfg_inputs(context, context_mask, context_position_ids)
+    if cfg.is_c2i:  # class labels [B]; unconditional rows get the null class
+        ctx2 = jnp.concatenate([context, jnp.full_like(context, cfg.num_classes)], 0)
+        mask2 = pos2 = None
+    else:
+        ctx2, mask2, pos2 = cfg_inputs(context, context_mask, context_position_ids)
     cond, sos = apply(HARTTransformer.condition, ctx2)
     lvl = apply(HARTTransformer.level_embedding)
     caches = [
-        (jnp.zeros((2 * b, cfg.seq_len, cfg.num_heads, cfg.head_dim), t2i.dtype),) * 2
+        (jnp.zeros((2 * b, padded_cache_length(cfg.seq_len), cfg.num_heads, cfg.head_dim), t2i.dtype),) * 2
         for _ in range(cfg.depth)
     ]
     f_hat = jnp.zeros((b, pn[-1], pn[-1], cfg.z_channels), jnp.float32)
@@ -151,24 +189,11 @@ def sample_images(
     keys = jax.random.split(key, 2 * n + 1)
 
     def pick(si: int, logits_2BlV: jax.Array, ratio: float) -> tuple[jax.Array, jax.Array]:
-        logits = _cfg_mix(logits_2BlV, scfg.cfg * ratio)
+        logits = cfg_mix(logits_2BlV, scfg.cfg * ratio)
         trace[f"logits_cfg_s{si}"] = logits
-        masked = top_k_top_p_mask(logits, scfg.stage_top_k(si, v), scfg.top_p)
-        if scfg.greedy:
-            idx = jnp.argmax(masked, axis=-1).astype(jnp.int32)
-        else:
-            idx = jax.random.categorical(keys[2 * si], masked, axis=-1).astype(jnp.int32)
+        gumbel = None if injected is None or injected.gumbel is None else injected.gumbel[si]
+        idx, emb = choose_tokens(logits, si, ratio, scfg, codebook, keys[2 * si], keys[2 * si + 1], gumbel)
         trace[f"idx_s{si}"] = idx
-        if scfg.more_smooth:
-            tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-            if injected is not None and injected.gumbel is not None:
-                g = jnp.asarray(injected.gumbel[si], jnp.float32)
-            else:
-                g = jax.random.gumbel(keys[2 * si + 1], masked.shape, jnp.float32)
-            w = jax.nn.softmax((masked * (1 + ratio) + g) / tau, axis=-1)
-            emb = jnp.einsum("blv,vc->blc", w, codebook, precision=jax.lax.Precision.HIGHEST)
-        else:
-            emb = jnp.take(codebook, idx, axis=0)
         return idx, emb
 
     for si in range(n - 1):

@@ -28,3 +28,12 @@ def test_tokenizer_presets_build():
 
     for p in PRESETS:
         assert TokenizerConfig(**get_config(p)).downsample in (4, 16)
+
+
+def test_transformer_presets_build():
+    from configs.transformer import PRESETS, get_config
+    from hart_jax.models.transformer import T2IConfig
+
+    for p in PRESETS:
+        cfg = T2IConfig(**get_config(p))
+        assert cfg.seq_len == cfg.first_l + sum(n * n for n in cfg.patch_nums[1:])

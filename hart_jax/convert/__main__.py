@@ -1,6 +1,7 @@
 """Command line: convert PyTorch HART checkpoints into hart-jax directories.
 
     python -m hart_jax.convert tokenizer SRC_DIR OUT_DIR [--weights FILE] [--force]
+    python -m hart_jax.convert llm SRC_DIR OUT_DIR [--weights FILE] [--no-ema] [--force]
 
 Errors print one line naming the problem and exit with status 2.
 """
@@ -21,8 +22,16 @@ def _tokenizer(args: argparse.Namespace) -> str:
     return f"wrote {out}"
 
 
+def _llm(args: argparse.Namespace) -> str:
+    from hart_jax.convert.llm import save_llm
+
+    out = save_llm(args.src, args.out, weights=args.weights, use_ema=args.ema, force=args.force)
+    return f"wrote {out}"
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], str]]] = {
     "tokenizer": ("a release tokenizer/ directory (HARTAutoEncoderWithDisc)", _tokenizer),
+    "llm": ("a release llm/ directory (HARTForT2I; EMA weights by default)", _llm),
 }
 
 
@@ -40,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("out", help="output directory to create")
         s.add_argument("--weights", default=None, help="weight file to read instead of the default search")
         s.add_argument("--force", action="store_true", help="replace an existing output directory")
+        if name == "llm":
+            s.add_argument(
+                "--ema", action=argparse.BooleanOptionalAction, default=True,
+                help="convert ema_model.bin (default, as the release's scripts load it) or the raw weights",
+            )
     return p
 
 

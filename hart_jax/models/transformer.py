@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hart_jax.attention import attention, cache_attention, resolve_impl
 from hart_jax.layers.embeddings import TimestepEmbedder
 from hart_jax.layers.norms import RMSNorm
 from hart_jax.layers.rope import apply_rope, grid_positions, rope_1d, rope_2d
@@ -71,7 +72,7 @@ class T2IConfig:
     vocab_size: int = 4096
     z_channels: int = 32
     num_classes: int = 0
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
         problems = []
@@ -176,29 +177,6 @@ class T2IConfig:
 
 
 # ---------------------------------------------------------------- attention
-def dense_attention(
-    q_BQHD: jax.Array,
-    k_BKHD: jax.Array,
-    v_BKHD: jax.Array,
-    bias_BQK: jax.Array | None,
-    scale: float,
-    precision: PrecisionLike = None,
-) -> jax.Array:
-    """``softmax((q*scale) k^T + bias) v`` with fp32 logits/softmax (the reference's SDPA path)."""
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q_BQHD * scale, k_BKHD, precision=precision)
-    logits = logits.astype(jnp.float32)
-    if bias_BQK is not None:
-        logits = logits + bias_BQK[:, None].astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BKHD.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v_BKHD, precision=precision)
-
-
-def level_bias(q_levels_BQ: jax.Array, k_levels_BK: jax.Array) -> jax.Array:
-    """Additive mask ``[B, Q, K]``: 0 where level(k) <= level(q), else -inf."""
-    ok = k_levels_BK[:, None, :] <= q_levels_BQ[:, :, None]
-    return jnp.where(ok, 0.0, -jnp.inf).astype(jnp.float32)
-
-
 class Attention(nn.Module):
     """HART's Llama attention: fused qkv without bias + (q_bias, 0, v_bias), RoPE, proj."""
 
@@ -236,7 +214,10 @@ class Attention(nn.Module):
         """Full-sequence attention with the level mask (training / teacher forcing)."""
         b, l, c = x_BLC.shape
         q, k, v = self.qkv(x_BLC, cos_BLD, sin_BLD)
-        out = dense_attention(q, k, v, level_bias(levels_BL, levels_BL), self.cfg.attn_scale, self.precision)
+        out = attention(
+            q, k, v, q_levels=levels_BL, k_levels=levels_BL, scale=self.cfg.attn_scale,
+            impl=self.cfg.attention_impl, precision=self.precision,
+        )
         return self.proj(out.reshape(b, l, c))
 
     def cached(
@@ -253,7 +234,12 @@ class Attention(nn.Module):
         ck = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), offset, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), offset, axis=1)
         end = offset + l
-        out = dense_attention(q, ck[:, :end], cv[:, :end], None, self.cfg.attn_scale, self.precision)
+        impl = resolve_impl(self.cfg.attention_impl)
+        # xla: attend to the static prefix only; the fused kernels read [0, end) of the full cache
+        keys, vals = (ck[:, :end], cv[:, :end]) if impl == "xla" else (ck, cv)
+        out = cache_attention(
+            q, keys, vals, valid_len=end, scale=self.cfg.attn_scale, impl=impl, precision=self.precision
+        )
         return self.proj(out.reshape(b, l, c)), (ck, cv)
 
 

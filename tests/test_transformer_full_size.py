@@ -1,0 +1,47 @@
+"""Full-size 0.7B 1024 px transformer: shapes only (jax.eval_shape) against the release manifests."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs.transformer import get_config
+from hart_jax.checkpoint import count_params
+from hart_jax.convert.llm import IGNORE, convert_llm_state, expected_llm_params
+from hart_jax.convert.table import flatten_params
+from hart_jax.convert.torch_io import load_manifest
+from hart_jax.models.transformer import T2IConfig
+
+PRIMARY = ("hart-0.7b-1024px.transformer.keys.json", "transformer", 732_399_168)
+ALTERNATIVE = ("hart-0.7b-1024px.transformer.keys.alt-d16-adaln.json", "transformer.alt-d16-adaln", 729_761_856)
+DIFFLOSS_PARAMS = 36_585_536
+
+
+def _config_from_summary(golden_dir, entry):
+    d = dict(json.loads((golden_dir / "hart-0.7b-1024px.summary.json").read_text())[entry]["config"])
+    d["model_type"] = "hart_transformer_t2i"
+    return T2IConfig.from_hf_dict(d, vocab_size=4096, z_channels=32, source=entry)
+
+
+def test_preset_is_the_summary_config(golden_dir):
+    assert T2IConfig(**get_config("hart_0p7b_1024")) == _config_from_summary(golden_dir, "transformer")
+
+
+@pytest.mark.parametrize("manifest,entry,total", [PRIMARY, ALTERNATIVE], ids=["primary", "alt-d16-adaln"])
+def test_mapping_covers_exactly_the_manifest(golden_dir, manifest, entry, total):
+    cfg = _config_from_summary(golden_dir, entry)
+    keys = load_manifest(golden_dir / manifest)
+    expected = expected_llm_params(cfg)
+    assert count_params(expected) == total
+    assert count_params(expected["diffloss"]) == DIFFLOSS_PARAMS
+
+    converted = convert_llm_state(keys, cfg, source=manifest, shapes_only=True)
+    got, want = flatten_params(converted), flatten_params(expected)
+    assert got.keys() == want.keys()
+    assert all(got[k].shape == want[k].shape for k in want)
+
+    import re
+
+    params = [k for k in keys if not any(re.match(p, k) for p in IGNORE)]
+    assert len(params) == len(want)
+    assert sum(int(np.prod(keys[k].shape)) for k in params) == total
