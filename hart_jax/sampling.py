@@ -34,7 +34,8 @@ Params = Any
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """Sampling settings (static: one compiled program per distinct value).
+    """Sampling settings that shape the program (static: one compile per distinct value).
+    The guidance scale and the random keys are runtime inputs of ``sample_images``.
 
     ``top_k=None`` is the release's stage rule (600 for s < 7, else 300); an int
     applies to every scale (0 disables). ``greedy`` takes the argmax instead of
@@ -42,7 +43,6 @@ class SamplingConfig:
     scale instead of the release's reused ``(N-2)/(N-1)`` ratio.
     """
 
-    cfg: float = 4.5
     top_k: int | None = None
     top_p: float = 0.0
     more_smooth: bool = True
@@ -100,34 +100,59 @@ def cfg_mix(logits_2BlV: jax.Array, t: float) -> jax.Array:
     return (1 + t) * logits_2BlV[:b] - t * logits_2BlV[b:]
 
 
+def row_keys(key: jax.Array, batch: int) -> jax.Array:
+    """Per-image raw keys ``[B, 2]``: a single key is split, ``[B, 2]`` passes through."""
+    key = jnp.asarray(key)
+    if key.ndim == 1:
+        return jax.random.split(key, batch)
+    if key.shape != (batch, 2):
+        raise ValueError(f"keys must be one PRNG key or one per image [{batch}, 2], got shape {key.shape}")
+    return key
+
+
+def _fold(keys_B2: jax.Array, tag: int) -> jax.Array:
+    return jax.vmap(jax.random.fold_in, (0, None))(keys_B2, tag)
+
+
 def choose_tokens(
     logits_BlV: jax.Array,
     si: int,
     ratio: float,
     scfg: SamplingConfig,
     codebook_VC: jax.Array,
-    key_sample: jax.Array,
-    key_gumbel: jax.Array,
+    keys_B2: jax.Array,
     gumbel_BlV: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sample scale ``si``'s indices ``[B, l]`` from guided logits and return their code
     vectors ``[B, l, Cv]``: codebook rows, or with ``more_smooth`` the Gumbel-softmax
-    mixture ``softmax((masked * (1 + r) + g) / tau) @ E`` on the top-k/top-p-masked logits."""
+    mixture ``softmax((masked * (1 + r) + g) / tau) @ E`` on the top-k/top-p-masked logits.
+    Each image draws from its own key (``keys_B2``), so results do not depend on batching."""
     masked = top_k_top_p_mask(logits_BlV, scfg.stage_top_k(si, codebook_VC.shape[0]), scfg.top_p)
     if scfg.greedy:
         idx = jnp.argmax(masked, axis=-1).astype(jnp.int32)
     else:
-        idx = jax.random.categorical(key_sample, masked, axis=-1).astype(jnp.int32)
+        draw = lambda k, lg: jax.random.categorical(k, lg, axis=-1)
+        idx = jax.vmap(draw)(_fold(keys_B2, 2 * si), masked).astype(jnp.int32)
     if not scfg.more_smooth:
         return idx, jnp.take(codebook_VC, idx, axis=0)
     tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-    g = (
-        jnp.asarray(gumbel_BlV, jnp.float32)
-        if gumbel_BlV is not None
-        else jax.random.gumbel(key_gumbel, masked.shape, jnp.float32)
-    )
+    if gumbel_BlV is not None:
+        g = jnp.asarray(gumbel_BlV, jnp.float32)
+    else:
+        g = jax.vmap(lambda k: jax.random.gumbel(k, masked.shape[1:], jnp.float32))(_fold(keys_B2, 2 * si + 1))
     w = jax.nn.softmax((masked * (1 + ratio) + g) / tau, axis=-1)
     return idx, jnp.einsum("blv,vc->blc", w, codebook_VC, precision=jax.lax.Precision.HIGHEST)
+
+
+def diffusion_noise(keys_B2: jax.Array, tokens: int, channels: int, steps: int) -> tuple[jax.Array, jax.Array]:
+    """Per-image diffusion noise: initial ``[B*l, Cv]`` and per-step ``[S, 2B*l, Cv]``
+    (the unconditional rows reuse the conditional rows' noise; their samples are discarded)."""
+    tag = 10_000
+    init = jax.vmap(lambda k: jax.random.normal(k, (tokens, channels)))(_fold(keys_B2, tag))
+    step = jax.vmap(lambda k: jax.random.normal(k, (steps, tokens, channels)))(_fold(keys_B2, tag + 1))
+    b = keys_B2.shape[0]
+    step = step.transpose(1, 0, 2, 3).reshape(steps, b * tokens, channels)
+    return init.reshape(b * tokens, channels), jnp.concatenate([step, step], axis=1)
 
 
 def cfg_inputs(
@@ -149,7 +174,8 @@ def sample_images(
     context: jax.Array,
     context_mask: jax.Array,
     context_position_ids: jax.Array,
-    key: jax.Array,
+    keys: jax.Array,
+    guidance: float | jax.Array = 4.5,
     scfg: SamplingConfig = SamplingConfig(),
     injected: InjectedNoise | None = None,
     return_trace: bool = False,
@@ -158,8 +184,11 @@ def sample_images(
 
     ``context [B, T, Dc]`` (Qwen2 last hidden states), ``context_mask [B, T]`` bool,
     ``context_position_ids [B, T]`` int; for the class-conditional variant ``context``
-    is int labels ``[B]`` and the other two are None. ``key`` drives every random draw unless
-    ``injected`` provides it. ``return_trace`` also returns a dict of every stage's
+    is int labels ``[B]`` and the other two are None. ``keys``: one PRNG key, or one
+    per image ``[B, 2]`` (image i's draws depend on its key only, so a batch equals
+    single calls with the same keys). ``guidance`` (the CFG scale, may be traced; 1.0
+    exactly runs the diffusion head unguided, as the release does). Random draws
+    are replaced by ``injected`` noise where given. ``return_trace`` also returns a dict of every stage's
     CFG logits, indices, hidden states, f_hat and inputs (checked against fixtures).
     Jit with ``t2i``, ``tok``, ``scfg`` and ``return_trace`` static.
     """
@@ -186,13 +215,13 @@ def sample_images(
     ]
     f_hat = jnp.zeros((b, pn[-1], pn[-1], cfg.z_channels), jnp.float32)
     x = sos + lvl[0]
-    keys = jax.random.split(key, 2 * n + 1)
+    keys_B2 = row_keys(keys, b)
 
     def pick(si: int, logits_2BlV: jax.Array, ratio: float) -> tuple[jax.Array, jax.Array]:
-        logits = cfg_mix(logits_2BlV, scfg.cfg * ratio)
+        logits = cfg_mix(logits_2BlV, guidance * ratio)
         trace[f"logits_cfg_s{si}"] = logits
         gumbel = None if injected is None or injected.gumbel is None else injected.gumbel[si]
-        idx, emb = choose_tokens(logits, si, ratio, scfg, codebook, keys[2 * si], keys[2 * si + 1], gumbel)
+        idx, emb = choose_tokens(logits, si, ratio, scfg, codebook, keys_B2, gumbel)
         trace[f"idx_s{si}"] = idx
         return idx, emb
 
@@ -221,20 +250,30 @@ def sample_images(
         hard = jnp.take(codebook, idx, axis=0)
         z = apply(HARTTransformer.diffusion_condition, h, jnp.concatenate([hard, hard], 0))
         z = z.reshape(2 * b * l, -1)
-        t_last = scfg.cfg * ratio
+        t_last = guidance * ratio
         trace["diff_z"] = z
         if injected is not None and injected.diff_init is not None:
-            res = apply(
-                lambda m, z: m.diffloss.sample(
-                    z, t_last, init_noise=injected.diff_init, step_noise=injected.diff_steps,
-                    temperature=scfg.temperature,
-                ),
-                z,
-            )
+            init, steps = jnp.asarray(injected.diff_init), jnp.asarray(injected.diff_steps)
         else:
-            res = apply(
-                lambda m, z, k: m.diffloss.sample_with_key(z, t_last, k, scfg.temperature), z, keys[-1]
-            )
+            init = steps = None  # drawn per image inside the head call
+
+        def run_head(guided: bool):
+            def fn(m, z, init, steps):
+                if init is None:
+                    sched_steps = m.diffloss.gen_schedule.num_timesteps
+                    init, steps = diffusion_noise(keys_B2, l, cfg.z_channels, sched_steps)
+                if not guided:  # every row denoised on its own: the uncond rows need noise too
+                    init = jnp.concatenate([init, init], 0)
+                return m.diffloss.sample(
+                    z, t_last, init_noise=init, step_noise=steps, temperature=scfg.temperature, guided=guided
+                )
+
+            return lambda z: t2i.apply(t2i_vars, z, init, steps, method=fn)
+
+        if isinstance(t_last, (int, float)):
+            res = run_head(t_last != 1.0)(z)
+        else:
+            res = jax.lax.cond(t_last == 1.0, run_head(False), run_head(True), z)
         trace["diff_out"] = res
         emb = emb + res[: b * l].reshape(b, l, -1)
     f_hat = f_hat + emb.reshape(b, pn[-1], pn[-1], cfg.z_channels)

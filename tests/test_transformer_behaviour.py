@@ -103,11 +103,11 @@ def test_sampling_is_deterministic_per_key_and_c2i_samples(tok_vars):
         else:
             args = (jax.random.normal(jax.random.PRNGKey(7), (2, 6, 24)), jnp.ones((2, 6), bool),
                     jnp.broadcast_to(jnp.arange(6), (2, 6)))
-        run = jax.jit(sample_images, static_argnums=(0, 2, 8))
-        scfg = SamplingConfig(cfg=2.0, top_k=50, top_p=0.9)
-        a = run(model, variables, tok, tok_vars, *args, jax.random.PRNGKey(0), scfg)
-        b = run(model, variables, tok, tok_vars, *args, jax.random.PRNGKey(0), scfg)
-        c = run(model, variables, tok, tok_vars, *args, jax.random.PRNGKey(1), scfg)
+        run = jax.jit(sample_images, static_argnums=(0, 2, 9))
+        scfg = SamplingConfig(top_k=50, top_p=0.9)
+        a = run(model, variables, tok, tok_vars, *args, jax.random.PRNGKey(0), 2.0, scfg)
+        b = run(model, variables, tok, tok_vars, *args, jax.random.PRNGKey(0), 2.0, scfg)
+        c = run(model, variables, tok, tok_vars, *args, jax.random.PRNGKey(1), 2.0, scfg)
         assert a.shape == (2, 24, 24, 3) and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
         np.testing.assert_array_equal(a, b)
         assert float(jnp.abs(a - c).max()) > 1e-4

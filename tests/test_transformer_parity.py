@@ -168,19 +168,20 @@ def _run_sampler(fx, pre, **overrides):
         diff_init=g[f"{pre}_diff_init_noise"],
         diff_steps=g[f"{pre}_diff_step_noise"],
     )
-    scfg = SamplingConfig(cfg=float(args["cfg"]), top_p=float(args["top_p"]), more_smooth=bool(args["more_smooth"]),
+    scfg = SamplingConfig(top_p=float(args["top_p"]), more_smooth=bool(args["more_smooth"]),
                           greedy=True, diffusion=args["final_stage"] == 0)
     t2i = HARTTransformer(cfg.__class__(**{**cfg.__dict__, **overrides})) if overrides else fx["t2i"]
-    run = jax.jit(sample_images, static_argnums=(0, 2, 8, 10))
+    run = jax.jit(sample_images, static_argnums=(0, 2, 9, 11))
+    guidance = jnp.float32(args["cfg"])  # a runtime input, as in the pipeline
     img, tr = run(t2i, fx["tv"], fx["tok"], fx["kv"], g["context"], g["context_mask"], g["context_position_ids"],
-                  jax.random.PRNGKey(0), scfg, inj, True)
-    return scfg, img, tr
+                  jax.random.PRNGKey(0), guidance, scfg, inj, True)
+    return float(args["cfg"]), scfg, img, tr
 
 
 def test_greedy_autoregressive_run_every_stage(fx):
     g, cfg = fx["g"], fx["cfg"]
     n = len(cfg.patch_nums)
-    scfg, img, tr = _run_sampler(fx, "ar")
+    guidance, scfg, img, tr = _run_sampler(fx, "ar")
     for k in range(n):
         np.testing.assert_array_equal(np.asarray(tr[f"idx_s{k}"]), g[f"ar_idx_s{k}"], err_msg=f"ar_idx_s{k}")
         assert_close(tr[f"logits_cfg_s{k}"], g[f"ar_logits_cfg_s{k}"], f"ar_logits_cfg_s{k}")
@@ -192,7 +193,7 @@ def test_greedy_autoregressive_run_every_stage(fx):
             assert_close(nchw(tr[f"fhat_s{k}"]), g[f"ar_fhat_s{k}"], f"ar_fhat_s{k}")
         if k >= 1:
             assert_close(nchw(tr[f"next_in_s{k}"]), g[f"ar_next_in_s{k}"], f"ar_next_in_s{k}")
-    assert scfg.cfg * scfg.ratio(n - 1, n) == pytest.approx(float(g["ar_diff_cfg"]), abs=1e-12)
+    assert guidance * scfg.ratio(n - 1, n) == pytest.approx(float(g["ar_diff_cfg"]), abs=1e-12)
     assert_close(tr["diff_z"], g["ar_diff_z"], "ar_diff_z")
     assert_close(tr["diff_out"], g["ar_diff_out"], "ar_diff_out")
     assert_close(nchw(tr["fhat_final"]), g["ar_fhat_final"], "ar_fhat_final")
@@ -206,7 +207,7 @@ def test_greedy_run_with_pallas_attention_in_interpret_mode(fx):
     g = fx["g"]
     set_pallas_interpret(True)
     try:
-        _, img, tr = _run_sampler(fx, "ar", attention_impl="pallas")
+        _, _, img, tr = _run_sampler(fx, "ar", attention_impl="pallas")
     finally:
         set_pallas_interpret(False)
     for k in range(len(fx["cfg"].patch_nums)):
@@ -240,20 +241,21 @@ def test_more_smooth_every_stage_from_reference_inputs(fx_smooth):
     pn = cfg.patch_nums
     n = len(pn)
     b = g["context"].shape[0]
-    scfg = SamplingConfig(cfg=float(args["cfg"]), more_smooth=True, greedy=True)
+    guidance = float(args["cfg"])
+    scfg = SamplingConfig(more_smooth=True, greedy=True)
     codebook = fx["kv"]["params"]["quantize"]["embedding"]["embedding"]
     cond, _ = t2i.apply(fx["tv"], np.concatenate([g["context"], 0 * g["context"]]), method=HARTTransformer.condition)
     f_prev = jnp.zeros((b, pn[-1], pn[-1], cfg.z_channels))
-    key = jax.random.PRNGKey(0)
+    keys = jax.random.split(jax.random.PRNGKey(0), b)
     for k in range(n):
         ratio = scfg.ratio(k, n)
         assert max(0.27 * (1 - 0.95 * ratio), 0.005) == pytest.approx(float(g[f"ars_tau_s{k}"]), abs=1e-12)
         assert scfg.stage_top_k(k, cfg.vocab_size) == int(g[f"ars_topk_s{k}"])
         h = g[f"ars_hidden_s{k}"][:, -1:] if k == 0 else g[f"ars_hidden_s{k}"]
-        logits = cfg_mix(t2i.apply(fx["tv"], h, cond, method=HARTTransformer.logits), scfg.cfg * ratio)
+        logits = cfg_mix(t2i.apply(fx["tv"], h, cond, method=HARTTransformer.logits), guidance * ratio)
         top2 = np.sort(np.asarray(logits), -1)[..., -2:]
         assert_close((top2[..., 1] - top2[..., 0]).min(), g[f"ars_logit_margin_s{k}"], f"ars_logit_margin_s{k}")
-        idx, emb = choose_tokens(logits, k, ratio, scfg, codebook, key, key, g[f"ars_gumbel_s{k}"])
+        idx, emb = choose_tokens(logits, k, ratio, scfg, codebook, keys, g[f"ars_gumbel_s{k}"])
         np.testing.assert_array_equal(np.asarray(idx), g[f"ars_idx_s{k}"], err_msg=f"ars_idx_s{k}")
         if k < n - 1:
             if k > 0:
@@ -268,7 +270,7 @@ def test_more_smooth_every_stage_from_reference_inputs(fx_smooth):
     z = t2i.apply(fx["tv"], g[f"ars_hidden_s{n - 1}"], jnp.concatenate([hard, hard]),
                   method=HARTTransformer.diffusion_condition)
     assert_close(z.reshape(-1, z.shape[-1]), g["ars_diff_z"], "ars_diff_z")
-    assert scfg.cfg * scfg.ratio(n - 1, n) == pytest.approx(float(g["ars_diff_cfg"]), abs=1e-12)
+    assert guidance * scfg.ratio(n - 1, n) == pytest.approx(float(g["ars_diff_cfg"]), abs=1e-12)
     l = pn[-1] ** 2
     final = g[f"ars_fhat_s{n - 2}"].transpose(0, 2, 3, 1) + np.asarray(
         emb + g["ars_diff_out"][: b * l].reshape(b, l, -1)).reshape(b, pn[-1], pn[-1], -1)
@@ -287,7 +289,7 @@ CHAINED_GUMBEL_ATOL = 3e-3
 def test_more_smooth_full_chain(fx_smooth):
     fx = fx_smooth
     g, cfg = fx["g"], fx["cfg"]
-    _, img, tr = _run_sampler(fx, "ars")
+    _, _, img, tr = _run_sampler(fx, "ars")
     for k in range(len(cfg.patch_nums)):
         np.testing.assert_array_equal(np.asarray(tr[f"idx_s{k}"]), g[f"ars_idx_s{k}"], err_msg=f"ars_idx_s{k}")
     assert_close(nchw(tr["fhat_final"]), g["ars_fhat_final"], "ars_fhat_final", atol=CHAINED_GUMBEL_ATOL, rtol=1e-2)

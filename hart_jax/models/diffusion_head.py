@@ -372,8 +372,12 @@ class DiffLoss(nn.Module):
         init_noise: jax.Array,
         step_noise: jax.Array,
         temperature: float | jax.Array = 1.0,
+        guided: bool | None = None,
     ) -> jax.Array:
         """Run the respaced IDDPM chain with injected noise; returns ``[N, Cv]`` × ``vae_scale``.
+
+        ``guided`` (optional) fixes the branch explicitly so that ``cfg`` may be a traced
+        value (the caller then handles the ``cfg == 1.0`` case itself).
 
         ``cfg`` (a concrete number): exactly 1.0 runs the plain network, anything else
         runs ``forward_with_cfg`` (``z`` = cond rows then uncond rows). ``init_noise`` is
@@ -382,8 +386,11 @@ class DiffLoss(nn.Module):
         ``S-1-j``; the last one is unused). With CFG all N rows are returned (as the
         reference does); only the first N/2 (conditional) rows are the samples.
         """
-        guidance = _static_cfg(cfg)
-        guided = guidance != 1.0
+        if guided is None:
+            guidance = _static_cfg(cfg)
+            guided = guidance != 1.0
+        else:
+            guidance = cfg
         z_ND = jnp.asarray(z_ND)
         init_noise, step_noise = jnp.asarray(init_noise, jnp.float32), jnp.asarray(step_noise, jnp.float32)
         c = self.target_channels
@@ -391,7 +398,7 @@ class DiffLoss(nn.Module):
             raise ValueError(f"z must be [N, {self.z_channels}], got shape {tuple(z_ND.shape)}")
         n = z_ND.shape[0]
         if guided and n % 2:
-            raise ValueError(f"with cfg={guidance} z must hold cond rows then uncond rows (even N), got N={n}")
+            raise ValueError(f"with guidance z must hold cond rows then uncond rows (even N), got N={n}")
         n_init = n // 2 if guided else n
         if init_noise.shape != (n_init, c):
             raise ValueError(
