@@ -15,13 +15,14 @@ new one is complete).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -44,6 +45,30 @@ def _pytree_checkpointer():
     return ocp.PyTreeCheckpointer()
 
 
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out_dir`` to fill; on success it replaces
+    ``out_dir`` (the old one is kept until then), on any error it is removed."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not force:
+        raise CheckpointError(f"{out}: already exists; pass --force (force=True) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_converted(
     out_dir: str | os.PathLike,
     params: Mapping[str, Any],
@@ -55,13 +80,7 @@ def save_converted(
     force: bool = False,
 ) -> Path:
     """Write ``params`` + ``config`` to ``out_dir`` atomically; return its path."""
-    out = Path(out_dir).absolute()
-    if out.exists() and not force:
-        raise CheckpointError(f"{out}: already exists; pass --force (force=True) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with atomic_directory(out_dir, force) as tmp:
         _pytree_checkpointer().save(str(tmp / "params"), dict(params))
         (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         for name, content in (extra_files or {}).items():
@@ -78,17 +97,7 @@ def save_converted(
             "extra_files": sorted(extra_files or {}),
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).absolute()
 
 
 def read_marker(ckpt_dir: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
     python -m hart_jax.convert tokenizer SRC_DIR OUT_DIR [--weights FILE] [--force]
     python -m hart_jax.convert llm SRC_DIR OUT_DIR [--weights FILE] [--no-ema] [--force]
+    python -m hart_jax.convert release RELEASE_DIR QWEN_DIR OUT_DIR --prefix-from constants.py [--force]
 
 Errors print one line naming the problem and exit with status 2.
 """
@@ -29,9 +30,20 @@ def _llm(args: argparse.Namespace) -> str:
     return f"wrote {out}"
 
 
+def _release(args: argparse.Namespace) -> str:
+    from hart_jax.convert.release import convert_release
+
+    out = convert_release(
+        args.src, args.text_encoder, args.out, prefix_source=args.prefix_from,
+        allow_prefix_mismatch=args.allow_prefix_mismatch, use_ema=args.ema, force=args.force,
+    )
+    return f"wrote {out}"
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], str]]] = {
     "tokenizer": ("a release tokenizer/ directory (HARTAutoEncoderWithDisc)", _tokenizer),
     "llm": ("a release llm/ directory (HARTForT2I; EMA weights by default)", _llm),
+    "release": ("a whole release (llm/ + tokenizer/) plus the Qwen2 text encoder, for the pipeline", _release),
 }
 
 
@@ -45,11 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, (help_text, _) in COMMANDS.items():
         s = sub.add_parser(name, help=f"convert {help_text}")
-        s.add_argument("src", help="source directory (config.json + weights)")
-        s.add_argument("out", help="output directory to create")
-        s.add_argument("--weights", default=None, help="weight file to read instead of the default search")
+        if name == "release":
+            s.add_argument("src", help="release directory holding llm/ and tokenizer/ (hart-0.7b-1024px)")
+            s.add_argument("text_encoder", help="Qwen2 / Qwen2-VL directory (config, weights, tokenizer files)")
+            s.add_argument("out", help="pipeline directory to create")
+            s.add_argument(
+                "--prefix-from", default=None,
+                help="the original hart/utils/constants.py (or a text file) holding the instruction prefix",
+            )
+            s.add_argument(
+                "--allow-prefix-mismatch", action="store_true",
+                help="accept a prefix whose SHA-256 differs from the release's",
+            )
+        else:
+            s.add_argument("src", help="source directory (config.json + weights)")
+            s.add_argument("out", help="output directory to create")
+            s.add_argument("--weights", default=None, help="weight file to read instead of the default search")
         s.add_argument("--force", action="store_true", help="replace an existing output directory")
-        if name == "llm":
+        if name in ("llm", "release"):
             s.add_argument(
                 "--ema", action=argparse.BooleanOptionalAction, default=True,
                 help="convert ema_model.bin (default, as the release's scripts load it) or the raw weights",
