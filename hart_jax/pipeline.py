@@ -120,8 +120,9 @@ class HARTPipeline:
         return cls(tok_cfg, tok_vars, t2i_cfg, t2i_vars, text, **kw)
 
     def _place(self, tree: Any) -> Any:
-        if self.mesh is None:
-            return jax.tree_util.tree_map(jnp.asarray, tree)
+        if self.mesh is None:  # abstract leaves (ShapeDtypeStruct) pass through for AOT lowering
+            keep = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
+            return jax.tree_util.tree_map(keep, tree)
         rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         return jax.device_put(tree, rep)
 
