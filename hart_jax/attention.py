@@ -98,6 +98,19 @@ def _kernel_precision(precision: lax.PrecisionLike) -> lax.Precision:
     return lax.Precision.DEFAULT
 
 
+# Largest fp32 logits block the dense ``xla`` sampling path materialises at once.
+XLA_LOGITS_BUDGET_BYTES = 1 << 30
+
+
+def _query_chunk(q_shape: tuple[int, ...], lk: int) -> int:
+    """Largest divisor of Lq whose ``[B, H, chunk, Lk]`` fp32 logits fit the budget."""
+    b, lq, h, _ = q_shape
+    limit = max(1, XLA_LOGITS_BUDGET_BYTES // max(1, b * h * lk * 4))
+    if lq <= limit:
+        return lq
+    return max(d for d in range(1, limit + 1) if lq % d == 0)
+
+
 def _cudnn_check(q: jax.Array) -> None:
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}")
@@ -169,10 +182,18 @@ def cache_attention(
     chosen = resolve_impl(impl)
     if chosen == "xla":
         check_qkv(q_BLqHD, k_cache_BLmHD, v_cache_BLmHD, k_name="k_cache")
-        return _ref.cache_attention_reference(
-            q_BLqHD, k_cache_BLmHD, v_cache_BLmHD, valid_len, scale,
+        run = lambda q: _ref.cache_attention_reference(
+            q, k_cache_BLmHD, v_cache_BLmHD, valid_len, scale,
             matmul_dtype=q_BLqHD.dtype, precision=precision,
         )
+        chunk = _query_chunk(q_BLqHD.shape, k_cache_BLmHD.shape[1])
+        if chunk == q_BLqHD.shape[1]:
+            return run(q_BLqHD)
+        # bound the [B, H, Lq, Lk] logits: queries in chunks (rows are independent)
+        B, Lq, H, D = q_BLqHD.shape
+        q_chunks = q_BLqHD.reshape(B, Lq // chunk, chunk, H, D).transpose(1, 0, 2, 3, 4)
+        out = jax.lax.map(run, q_chunks)
+        return out.transpose(1, 0, 2, 3, 4).reshape(B, Lq, H, D)
     if chosen == "cudnn":
         check_qkv(q_BLqHD, k_cache_BLmHD, v_cache_BLmHD, k_name="k_cache")
         _cudnn_check(q_BLqHD)

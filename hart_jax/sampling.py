@@ -40,7 +40,9 @@ class SamplingConfig:
     ``top_k=None`` is the release's stage rule (600 for s < 7, else 300); an int
     applies to every scale (0 disables). ``greedy`` takes the argmax instead of
     sampling (parity checks). ``stale_last_ratio=False`` uses ``t = cfg`` at the last
-    scale instead of the release's reused ``(N-2)/(N-1)`` ratio.
+    scale instead of the release's reused ``(N-2)/(N-1)`` ratio. ``scan_layers`` runs
+    the blocks of each stage in a ``lax.scan`` (one block body to compile instead of
+    depth x stages copies; same numbers).
     """
 
     top_k: int | None = None
@@ -50,6 +52,7 @@ class SamplingConfig:
     diffusion: bool = True
     stale_last_ratio: bool = True
     temperature: float = 1.0
+    scan_layers: bool = True
 
     def stage_top_k(self, si: int, vocab: int) -> int:
         """The top-k used at scale ``si`` (clamped to the vocabulary)."""
@@ -209,10 +212,11 @@ def sample_images(
         ctx2, mask2, pos2 = cfg_inputs(context, context_mask, context_position_ids)
     cond, sos = apply(HARTTransformer.condition, ctx2)
     lvl = apply(HARTTransformer.level_embedding)
-    caches = [
-        (jnp.zeros((2 * b, padded_cache_length(cfg.seq_len), cfg.num_heads, cfg.head_dim), t2i.dtype),) * 2
-        for _ in range(cfg.depth)
-    ]
+    cache_shape = (2 * b, padded_cache_length(cfg.seq_len), cfg.num_heads, cfg.head_dim)
+    if scfg.scan_layers:
+        caches = (jnp.zeros((cfg.depth,) + cache_shape, t2i.dtype),) * 2
+    else:
+        caches = [(jnp.zeros(cache_shape, t2i.dtype),) * 2 for _ in range(cfg.depth)]
     f_hat = jnp.zeros((b, pn[-1], pn[-1], cfg.z_channels), jnp.float32)
     x = sos + lvl[0]
     keys_B2 = row_keys(keys, b)

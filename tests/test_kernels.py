@@ -345,3 +345,18 @@ def test_attention_bench_smoke(tmp_path):
     assert "error" in by[("fwd", "cudnn")]  # no cuDNN on a CPU: recorded, not fatal
     stages = [(r["stage"], r["impl"]) for r in result["sampling"] if "ms" in r]
     assert stages == [(4, "xla"), (4, "pallas")]
+
+
+def test_xla_cache_attention_chunks_long_query_blocks(monkeypatch):
+    """The dense sampling path splits queries so its logits stay under the budget; same result."""
+    import hart_jax.attention as A
+    from hart_jax.kernels import reference as R
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 36, 3, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 80, 3, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 80, 3, 8)), jnp.float32)
+    full = R.cache_attention_reference(q, k, v, 71, 0.1)
+    monkeypatch.setattr(A, "XLA_LOGITS_BUDGET_BYTES", 2 * 3 * 80 * 4 * 10)  # room for 10 query rows
+    assert A._query_chunk(q.shape, 80) == 9
+    np.testing.assert_allclose(A.cache_attention(q, k, v, valid_len=71, scale=0.1, impl="xla"), full, atol=1e-6)

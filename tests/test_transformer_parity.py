@@ -159,7 +159,7 @@ def test_teacher_forced_keeps_every_token_without_a_mask(fx):
 
 
 # ------------------------------------------------------------- greedy AR sampling
-def _run_sampler(fx, pre, **overrides):
+def _run_sampler(fx, pre, scan_layers=True, **overrides):
     g, cfg = fx["g"], fx["cfg"]
     args = json.loads(str(g[f"{pre}_args"]))
     n = len(cfg.patch_nums)
@@ -169,7 +169,7 @@ def _run_sampler(fx, pre, **overrides):
         diff_steps=g[f"{pre}_diff_step_noise"],
     )
     scfg = SamplingConfig(top_p=float(args["top_p"]), more_smooth=bool(args["more_smooth"]),
-                          greedy=True, diffusion=args["final_stage"] == 0)
+                          greedy=True, diffusion=args["final_stage"] == 0, scan_layers=scan_layers)
     t2i = HARTTransformer(cfg.__class__(**{**cfg.__dict__, **overrides})) if overrides else fx["t2i"]
     run = jax.jit(sample_images, static_argnums=(0, 2, 9, 11))
     guidance = jnp.float32(args["cfg"])  # a runtime input, as in the pipeline
@@ -178,10 +178,11 @@ def _run_sampler(fx, pre, **overrides):
     return float(args["cfg"]), scfg, img, tr
 
 
-def test_greedy_autoregressive_run_every_stage(fx):
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned-blocks", "unrolled-blocks"])
+def test_greedy_autoregressive_run_every_stage(fx, scan_layers):
     g, cfg = fx["g"], fx["cfg"]
     n = len(cfg.patch_nums)
-    guidance, scfg, img, tr = _run_sampler(fx, "ar")
+    guidance, scfg, img, tr = _run_sampler(fx, "ar", scan_layers=scan_layers)
     for k in range(n):
         np.testing.assert_array_equal(np.asarray(tr[f"idx_s{k}"]), g[f"ar_idx_s{k}"], err_msg=f"ar_idx_s{k}")
         assert_close(tr[f"logits_cfg_s{k}"], g[f"ar_logits_cfg_s{k}"], f"ar_logits_cfg_s{k}")

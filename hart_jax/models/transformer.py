@@ -227,16 +227,31 @@ class Attention(nn.Module):
         sin_BlD: jax.Array,
         cache: tuple[jax.Array, jax.Array],
         offset: int,
+        layer: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """One scale's queries against the KV cache ``[B, Lmax, H, hd]`` (written at ``offset``)."""
+        """One scale's queries against the KV cache, after writing its k/v at ``offset``.
+
+        ``cache``: this block's ``(k, v)`` ``[B, Lmax, H, hd]``, or with ``layer`` (a
+        traced block index) the stacked caches ``[depth, B, Lmax, H, hd]``, updated in
+        place at ``[layer, :, offset:offset+l]`` (only the new tokens are written).
+        """
         b, l, c = x_BlC.shape
         q, k, v = self.qkv(x_BlC, cos_BlD, sin_BlD)
-        ck = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), offset, axis=1)
-        cv = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), offset, axis=1)
         end = offset + l
         impl = resolve_impl(self.cfg.attention_impl)
-        # xla: attend to the static prefix only; the fused kernels read [0, end) of the full cache
-        keys, vals = (ck[:, :end], cv[:, :end]) if impl == "xla" else (ck, cv)
+        if layer is None:
+            ck = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), offset, axis=1)
+            cv = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), offset, axis=1)
+            # xla: attend to the static prefix only; the fused kernels read [0, end) of the full cache
+            keys, vals = (ck[:, :end], cv[:, :end]) if impl == "xla" else (ck, cv)
+        else:
+            start = (layer, 0, offset, 0, 0)
+            ck = jax.lax.dynamic_update_slice(cache[0], k[None].astype(cache[0].dtype), start)
+            cv = jax.lax.dynamic_update_slice(cache[1], v[None].astype(cache[1].dtype), start)
+            n = end if impl == "xla" else ck.shape[2]
+            size = (1,) + ck.shape[1:2] + (n,) + ck.shape[3:]
+            keys = jax.lax.dynamic_slice(ck, (layer, 0, 0, 0, 0), size)[0]
+            vals = jax.lax.dynamic_slice(cv, (layer, 0, 0, 0, 0), size)[0]
         out = cache_attention(
             q, keys, vals, valid_len=end, scale=self.cfg.attn_scale, impl=impl, precision=self.precision
         )
@@ -324,12 +339,12 @@ class Block(nn.Module):
         """Full sequence with the level mask."""
         return self._mix(x_BLC, lambda h: self.attn(h, cos, sin, levels_BL), self.modulation(cond, mask_BT))
 
-    def cached(self, x_BlC, cos, sin, cache, offset, cond, mask_BT):
-        """One scale against the KV cache; returns ``(x, new_cache)``."""
+    def cached(self, x_BlC, cos, sin, cache, offset, cond, mask_BT, layer=None):
+        """One scale against the KV cache; returns ``(x, new_cache)`` (see ``Attention.cached``)."""
         box = {}
 
         def attn_fn(h):
-            out, box["cache"] = self.attn.cached(h, cos, sin, cache, offset)
+            out, box["cache"] = self.attn.cached(h, cos, sin, cache, offset, layer)
             return out
 
         x = self._mix(x_BlC, attn_fn, self.modulation(cond, mask_BT))
@@ -503,13 +518,19 @@ class HARTTransformer(nn.Module):
         self,
         x_BlC: jax.Array,
         si: int,
-        caches: Sequence[tuple[jax.Array, jax.Array]],
+        caches: Any,
         cond: jax.Array,
         context_position_ids: jax.Array | None,
         context_mask: jax.Array | None,
-    ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+    ) -> tuple[jax.Array, Any]:
         """Run scale ``si``'s input tokens (level embedding included) through every block
-        against the KV caches; returns the final hidden states and the new caches."""
+        against the KV caches; returns the final hidden states and the new caches.
+
+        ``caches``: a list of per-block ``(k, v)`` ``[B, Lmax, H, hd]`` (blocks unrolled),
+        or one stacked ``(K, V)`` pair ``[depth, B, Lmax, H, hd]`` (blocks run in a
+        ``fori_loop`` over stacked block params: one block body to compile, the caches
+        updated in place).
+        """
         cfg = self.cfg
         b = x_BlC.shape[0]
         offset = cfg.stage_slices()[si][0]
@@ -523,6 +544,23 @@ class HARTTransformer(nn.Module):
             pos = self._visual_positions(cfg.patch_nums[si : si + 1], context_position_ids[:, -1])
             cos, sin = rope_2d(pos, hd)
         x = x_BlC.astype(self.dtype)
+        if isinstance(caches, tuple):
+            blk = Block(cfg, self.dtype, self.precision, parent=None)
+            params = self.variables["params"]
+            stacked = jax.tree_util.tree_map(
+                lambda *a: jnp.stack(a), *[params[f"blocks_{i}"] for i in range(cfg.depth)]
+            )
+
+            def body(i, carry):
+                x, kc, vc = carry
+                p = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked)
+                x, (kc, vc) = blk.apply(
+                    {"params": p}, x, cos, sin, (kc, vc), offset, cond, context_mask, i, method=Block.cached
+                )
+                return x, kc, vc
+
+            x, kc, vc = jax.lax.fori_loop(0, cfg.depth, body, (x, caches[0], caches[1]))
+            return x, (kc, vc)
         new = []
         for blk, cache in zip(self.blocks, caches):
             x, c = blk.cached(x, cos, sin, cache, offset, cond, context_mask)
