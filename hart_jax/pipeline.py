@@ -51,6 +51,20 @@ def to_uint8(images_01: np.ndarray, truncate: bool = False) -> np.ndarray:
     return (np.floor(x) if truncate else np.round(x)).astype(np.uint8)
 
 
+def shard_largest_axis(x: Any, mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """Sharding of a weight over all devices of ``mesh`` along its largest axis that
+    divides evenly (replicated when none does). Under jit, XLA gathers each weight
+    where it is used, so a model that does not fit one device still runs."""
+    axes = tuple(mesh.axis_names)
+    size = mesh.devices.size
+    spec: list[Any] = [None] * np.ndim(x)
+    for d in sorted(range(np.ndim(x)), key=lambda i: -np.shape(x)[i]):
+        if np.shape(x)[d] % size == 0 and np.shape(x)[d] >= size:
+            spec[d] = axes if len(axes) > 1 else axes[0]
+            break
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
 def check_pipeline_dir(ckpt_dir: str | os.PathLike) -> Path:
     """Validate a converted pipeline directory; errors name the missing part."""
     d = Path(ckpt_dir)
@@ -78,8 +92,10 @@ class HARTPipeline:
         *,
         dtype: Any = None,
         mesh: jax.sharding.Mesh | None = None,
+        shard_params: bool = False,
     ) -> None:
         self.dtype = dtype or default_dtype()
+        self.shard_params = shard_params
         self.tok_cfg, self.t2i_cfg = tok_cfg, t2i_cfg
         self.tok = HARTAutoEncoder(tok_cfg)  # the tokenizer runs in fp32 (f_hat, decoder)
         self.t2i = HARTTransformer(t2i_cfg, dtype=self.dtype)
@@ -123,6 +139,8 @@ class HARTPipeline:
         if self.mesh is None:  # abstract leaves (ShapeDtypeStruct) pass through for AOT lowering
             keep = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
             return jax.tree_util.tree_map(keep, tree)
+        if self.shard_params:
+            return jax.tree_util.tree_map(lambda x: jax.device_put(x, shard_largest_axis(x, self.mesh)), tree)
         rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         return jax.device_put(tree, rep)
 

@@ -101,9 +101,14 @@ def test_images_per_prompt_and_guidance_one(pipe):
     assert_close(out[1:2], pipe([PROMPTS[0]], seed=4, guidance_scale=1.0, output="float"), "image 1")
 
 
-def test_sharded_batch_matches_one_device(pipe_dir, pipe):
+@pytest.mark.parametrize("shard_params", [False, True], ids=["replicated-params", "sharded-params"])
+def test_sharded_batch_matches_one_device(pipe_dir, pipe, shard_params):
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharded = HARTPipeline.from_converted(pipe_dir, mesh=mesh)
+    sharded = HARTPipeline.from_converted(pipe_dir, mesh=mesh, shard_params=shard_params)
+    if shard_params:
+        kernel = sharded.t2i_vars["params"]["head"]["kernel"]  # [64, 640]: split over the 640 axis
+        assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "data")
+        assert kernel.addressable_shards[0].data.shape == (64, 80)
     prompts = PROMPTS * 3  # 9 images -> batch padded to 16 over 8 devices
     assert_close(sharded(prompts, seed=2, batch_size=8, output="float"),
                  pipe(prompts, seed=2, batch_size=8, output="float"), "sharded")
