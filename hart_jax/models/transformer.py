@@ -419,10 +419,7 @@ class HARTTransformer(nn.Module):
     # ------------------------------------------------------------- pieces
     def level_embedding(self) -> jax.Array:
         """``[N, C]`` embedding of each level id."""
-        lv = jnp.arange(self.cfg.num_scales)
-        if self.cfg.use_timestep_embed:
-            return self.lvl_embed(lv)
-        return self.lvl_embed(lv)
+        return self.lvl_embed(jnp.arange(self.cfg.num_scales))  # TimestepEmbedder or nn.Embed
 
     def condition(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Conditioning and level-0 input tokens (without level embedding).
@@ -486,7 +483,7 @@ class HARTTransformer(nn.Module):
                 f"{sum(p * p for p in cfg.patch_nums[1:])}"
             )
         last_in = x_BLCv[:, mid:]
-        vis_pos = self._visual_positions(cfg.patch_nums[1:] if not cfg.is_c2i else cfg.patch_nums[1:], None)
+        vis_pos = self._visual_positions(cfg.patch_nums[1:], None)
         vis_pos = jnp.broadcast_to(vis_pos, (b,) + vis_pos.shape[1:])
         if last_kept_BK is not None:
             last_in = jnp.take_along_axis(last_in, last_kept_BK[..., None], axis=1)
