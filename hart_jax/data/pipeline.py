@@ -122,9 +122,12 @@ def make_loader(
     prefix: str | None = None,
     max_length: int = 300,
     source: Any = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
 ) -> grain.DataLoader:
-    """A grain ``DataLoader`` yielding per-process batches of ``global_batch / process_count``."""
-    nproc = jax.process_count()
+    """A grain ``DataLoader`` yielding per-process batches of ``global_batch / process_count``
+    (shard = this JAX process unless ``shard_index`` / ``shard_count`` say otherwise)."""
+    nproc = jax.process_count() if shard_count is None else int(shard_count)
     if global_batch % nproc:
         raise ValueError(f"batch size {global_batch} does not split over {nproc} processes")
     source = source if source is not None else open_source(
@@ -137,7 +140,10 @@ def make_loader(
     data_seed = seed if data_seed < 0 else data_seed
     sampler = grain.IndexSampler(
         num_records=len(source),
-        shard_options=grain.ShardByJaxProcess(drop_remainder=True),
+        shard_options=(
+            grain.ShardByJaxProcess(drop_remainder=True) if shard_count is None
+            else grain.ShardOptions(int(shard_index or 0), nproc, drop_remainder=True)
+        ),
         shuffle=bool(dcfg.get("shuffle", True)),
         num_epochs=None,
         seed=data_seed,
