@@ -97,6 +97,13 @@ def test_sigkill_resume_is_exact(runs):
         assert len(la) == len(lb) > 0
         for x, y in zip(la, lb):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    # what sampling loads by default: the EMA params of the latest checkpoint
+    from hart_jax.train.checkpointing import load_ema_params
+
+    step, ema = load_ema_params(root / "resumed")
+    assert step == N
+    for x, y in zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(b["ema_params"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     ids_a, ids_b = ids_by_step(root / "straight"), ids_by_step(root / "resumed")
     assert sorted(ids_a) == sorted(ids_b) == list(range(1, N + 1))
     assert ids_a == ids_b
