@@ -170,3 +170,43 @@ def test_loader_errors(t2i_dir):
                           resolution=24, global_batch=4, seed=0))
     with pytest.raises(Exception, match="data.context must be"):
         next(it)
+
+
+def test_make_records_with_tokenizer_codes(tmp_path):
+    """``--tokenizer`` stores the tokenizer's codes; they equal encoding the resized images."""
+    import jax
+
+    from configs.tokenizer import get_config as tok_config
+    from hart_jax.checkpoint import save_converted
+    from hart_jax.data import make_records
+    from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
+    from hart_jax.train.loop import random_tokenizer_variables
+    from hart_jax.train.objective import tokenize_images
+
+    d = dict(tok_config("tiny"))
+    d["ch_mult"], d["v_patch_nums"] = tuple(d["ch_mult"]), tuple(d["v_patch_nums"])
+    tcfg = TokenizerConfig(**d)
+    model = HARTAutoEncoder(tcfg)
+    variables = random_tokenizer_variables(model, 24, seed=5)
+    tok_dir = save_converted(tmp_path / "tok", variables, tcfg.to_hf_dict(), kind="tokenizer")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(train_data.draw(train_data.SHAPES[i], (200, 40 * i, 30), 36, rng)).save(imgs / f"{i}.png")
+        (imgs / f"{i}.txt").write_text(f"shape {i}")
+    assert make_records.main([str(imgs), str(tmp_path / "out"), "--name", "coded", "--tokenizer", str(tok_dir),
+                              "--batch-size", "2"]) == 0
+    src = open_source("coded", str(tmp_path / "out"))
+    rows = sorted((src[i] for i in range(3)), key=lambda r: r["caption"])
+    pn = tcfg.v_patch_nums
+    assert rows[0]["codes"].shape == (sum(p * p for p in pn),) and rows[0]["last_layer_gt"].shape == (36, 8)
+    images = np.stack([resize_crop(np.asarray(Image.open(imgs / f"{i}.png").convert("RGB")), 24) for i in range(3)])
+    idx, frest, _ = tokenize_images(model, variables, jax.numpy.asarray(images), pn)
+    codes = np.concatenate([np.asarray(i) for i in idx], axis=1)
+    for i, r in enumerate(rows):
+        np.testing.assert_array_equal(r["codes"], codes[i])
+        np.testing.assert_allclose(r["last_layer_gt"], np.asarray(frest)[i], atol=1e-5)
+    assert len(set(codes[:, -36:].ravel().tolist())) > 3  # the random tokenizer gives varied codes

@@ -1,12 +1,16 @@
 """Directory of images (+ captions) -> TFDS array_record dataset.
 
     python -m hart_jax.data.make_records IMAGES_DIR OUT_DIR [--name NAME] [--kind t2i|c2i]
-        [--text-encoder CONVERTED_QWEN_DIR [--batch-size 8] [--context-dtype float16]]
+        [--text-encoder CONVERTED_QWEN_DIR [--context-dtype float16]]
+        [--tokenizer CONVERTED_TOKENIZER_DIR [--patch-nums 1,2,...,64]] [--batch-size 8]
 
 ``t2i``: every image with a ``<stem>.txt`` caption beside it. ``c2i``: ImageNet layout
 (``IMAGES_DIR/<class>/<image>``; labels are the sorted class names' positions, written
 to ``OUT_DIR/NAME/classes.txt``). ``--text-encoder`` also stores the captions' HART
-context embeddings (the cached path of training). Read it back with
+context embeddings, ``--tokenizer`` the tokenizer's outputs for the images resized and
+center-cropped to ``patch_nums[-1] * downsample`` pixels (``codes``: every scale's indices
+concatenated, ``last_layer_gt``), the cached paths of training (``data.codes=True``).
+Read it back with
 ``tfds.data_source(NAME, data_dir=OUT_DIR)``.
 """
 
@@ -31,6 +35,37 @@ def _with_context(examples: list[dict[str, Any]], encoder: Any, batch_size: int)
             yield dict(e, context=ctx[j], context_mask=mask[j], context_position_ids=pos[j])
 
 
+def _with_codes(rows: Any, tokenizer: Any, patch_nums: tuple[int, ...], batch_size: int) -> Iterator[dict[str, Any]]:
+    from hart_jax.data.pipeline import resize_crop
+    from hart_jax.data.records import encode_image
+
+    side = patch_nums[-1] * tokenizer.config.downsample
+
+    def flush(chunk):
+        imgs = np.stack([resize_crop(_decode(e["image"]), side) for e in chunk]).astype(np.float32) / 127.5 - 1.0
+        tok = tokenizer.encode(imgs, patch_nums)
+        codes = np.concatenate([np.asarray(i) for i in tok.indices], axis=1).astype(np.int32)
+        gt = np.asarray(tok.last_layer_gt, np.float32)
+        for j, e in enumerate(chunk):
+            yield dict(e, codes=codes[j], last_layer_gt=gt[j])
+
+    def _decode(image):
+        import io
+
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(encode_image(image))).convert("RGB"))
+
+    chunk = []
+    for e in rows:
+        chunk.append(e)
+        if len(chunk) == batch_size:
+            yield from flush(chunk)
+            chunk = []
+    if chunk:
+        yield from flush(chunk)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images_dir")
@@ -39,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", choices=("t2i", "c2i"), default="t2i")
     ap.add_argument("--split", default="train")
     ap.add_argument("--text-encoder", default=None, help="converted Qwen2 directory: also cache context embeddings")
+    ap.add_argument("--tokenizer", default=None, help="converted tokenizer directory: also cache its codes")
+    ap.add_argument("--patch-nums", default="", help="scales for --tokenizer (default: the tokenizer's)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--context-dtype", default="float16", choices=("float16", "float32", "bfloat16"))
     args = ap.parse_args(argv)
@@ -55,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             first = enc([examples[0]["caption"]])
             kw.update(context_shape=tuple(first.context.shape[1:]), context_dtype=args.context_dtype)
             rows = _with_context(examples, enc, args.batch_size)
+        if args.tokenizer:
+            from hart_jax.tokenizer import HybridTokenizer
+
+            tok = HybridTokenizer.from_converted(args.tokenizer)
+            pn = tuple(int(p) for p in args.patch_nums.split(",")) if args.patch_nums else tuple(tok.config.v_patch_nums)
+            kw["codes_shape"] = (sum(p * p for p in pn), pn[-1] ** 2, tok.config.z_channels)
+            rows = _with_codes(rows, tok, pn, args.batch_size)
         if args.kind == "c2i":
             kw["num_classes"] = len(classes)
         out = write_records(args.out_dir, rows, **kw)
