@@ -27,6 +27,7 @@ TINY_C2I_MODEL = dict(
 def _base(model: dict, tokenizer: str, kind: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.distributed = "auto"  # jax.distributed.initialize(): "auto" (launcher env), "on", "off"
     c.model = ml_collections.ConfigDict(dict(model))
     c.model.attention_impl = "auto"
     c.init_from = ""  # converted release transformer directory (fine-tuning)
@@ -102,8 +103,13 @@ def _base(model: dict, tokenizer: str, kind: str) -> ml_collections.ConfigDict:
     return c
 
 
+PRESETS = ("hart_0p7b_1024", "hart_c2i_d20", "hart_c2i_d24", "hart_c2i_d30", "tiny_t2i", "tiny_c2i")
+
+
 def get_config(preset: str = "tiny_t2i") -> ml_collections.ConfigDict:
     """The named preset."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown training preset {preset!r}; choose from {', '.join(PRESETS)}")
     if preset == "hart_0p7b_1024":
         c = _base(tr_presets.PRESETS["hart_0p7b_1024"], "hart_0p7b_1024", "t2i")
         c.mesh.fsdp = -1
@@ -115,7 +121,7 @@ def get_config(preset: str = "tiny_t2i") -> ml_collections.ConfigDict:
         c.objective.keep_quantum = 32
         c.mesh.fsdp = -1
         c.mesh.data = 1
-    elif preset in ("tiny_t2i", "tiny_c2i"):
+    else:
         model = tr_presets.PRESETS["tiny"] if preset == "tiny_t2i" else TINY_C2I_MODEL
         c = _base(model, "tiny", "t2i" if preset == "tiny_t2i" else "c2i")
         c.compute_dtype = "float32"
@@ -129,9 +135,4 @@ def get_config(preset: str = "tiny_t2i") -> ml_collections.ConfigDict:
         c.checkpoint.keep = 2
         c.log.every_steps = 1
         c.log.progress = False
-    else:
-        raise ValueError(
-            f"unknown training preset {preset!r}; choose from hart_0p7b_1024, hart_c2i_d20, hart_c2i_d24, "
-            "hart_c2i_d30, tiny_t2i, tiny_c2i"
-        )
     return c

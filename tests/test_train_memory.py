@@ -31,3 +31,23 @@ def test_tensor_axis_also_divides():
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 8, 1, 1  # pure data parallel replicates everything
     rep = memory_report(c, jax.devices())
     assert rep["per_device_bytes"] == rep["total_bytes"]
+
+
+def test_every_training_preset_is_consistent():
+    """Each preset's model, tokenizer and objective fit together (no weights built)."""
+    from configs.train import PRESETS
+    from hart_jax.models.autoencoder import TokenizerConfig
+    from hart_jax.train.loop import _model_config
+
+    for name in PRESETS:
+        c = get_config(name)
+        tcfg = _model_config(c)
+        tk = {k: v for k, v in c.tokenizer.items() if k != "checkpoint"}
+        tk["ch_mult"], tk["v_patch_nums"] = tuple(tk["ch_mult"]), tuple(tk["v_patch_nums"])
+        tok = TokenizerConfig(**tk)
+        assert (tok.vocab_size, tok.z_channels) == (tcfg.vocab_size, tcfg.z_channels), name
+        assert tuple(tok.v_patch_nums)[-1] == tcfg.patch_nums[-1], name
+        assert tcfg.is_c2i == (c.data.kind == "c2i"), name
+        assert c.train.batch_size % c.train.grad_accum == 0
+    assert get_config("hart_0p7b_1024").compute_dtype == "bfloat16"
+    assert _model_config(get_config("hart_c2i_d20")).patch_nums[-1] * 16 == 256
