@@ -1,0 +1,1 @@
+"""Sharded training of HART's transformer and diffusion head (see ``loop.train``)."""
