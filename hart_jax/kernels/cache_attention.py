@@ -34,6 +34,8 @@ from hart_jax.kernels.level_attention import (
     LOG2E,
     check_qkv,
     fit_block,
+    online_softmax_init,
+    online_softmax_step,
     pad_axis,
     padded_head_dim,
     round_up,
@@ -80,21 +82,9 @@ def _cache_kernel(n_ref, q_ref, k_ref, v_ref, o_ref, *, c, block_k, precision):
         visible = (start + jnp.arange(block_k, dtype=jnp.int32)) < n
         s = dot(q, k, trans_b=True, precision=precision) * c
         s = jnp.where(visible[None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp2(s - m_use[:, None])
-        alpha = jnp.exp2(m - m_use)
-        l = l * alpha + jnp.sum(p, axis=1)
-        v = v_ref[ks, :]
-        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=precision)
-        return acc, m_new, l
+        return online_softmax_step(acc, m, l, s, v_ref[ks, :], precision)
 
-    init = (
-        jnp.zeros((block_q, d), jnp.float32),
-        jnp.full((block_q,), -jnp.inf, jnp.float32),
-        jnp.zeros((block_q,), jnp.float32),
-    )
-    acc, _, l = lax.fori_loop(0, pl.cdiv(n, block_k), body, init)
+    acc, _, l = lax.fori_loop(0, pl.cdiv(n, block_k), body, online_softmax_init(block_q, d))
     o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
 
 

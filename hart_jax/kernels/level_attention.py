@@ -162,6 +162,28 @@ def q_lower_bounds(q_lev_BP, k_lev_BP, block_q: int, block_k: int) -> jax.Array:
 # ----------------------------------------------------------------------------- kernels
 
 
+def online_softmax_init(block_q: int, d: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(acc, running max, running sum)`` before the first key block."""
+    return (
+        jnp.zeros((block_q, d), jnp.float32),
+        jnp.full((block_q,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+
+
+def online_softmax_step(acc, m, l, s, v, precision):
+    """Fold one key block into the running (base-2) softmax: ``s`` are the block's
+    scaled, masked logits ``[block_q, block_k]``, ``v`` its values. Rows that have seen
+    no visible key yet keep a zero accumulator."""
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp2(s - m_use[:, None])
+    alpha = jnp.exp2(m - m_use)
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=precision)
+    return acc, m_new, l
+
+
 def _fwd_kernel(hi_ref, q_lev_ref, k_lev_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c, block_k, precision):
     """One query block: online softmax over key blocks ``[0, hi)``; stores o and base-2 lse."""
     q = q_ref[...]
@@ -175,21 +197,9 @@ def _fwd_kernel(hi_ref, q_lev_ref, k_lev_ref, q_ref, k_ref, v_ref, o_ref, lse_re
         visible = k_lev_ref[ks][None, :] <= q_lev[:, None]
         s = dot(q, k, trans_b=True, precision=precision) * c
         s = jnp.where(visible, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen nothing yet
-        p = jnp.exp2(s - m_use[:, None])
-        alpha = jnp.exp2(m - m_use)
-        l = l * alpha + jnp.sum(p, axis=1)
-        v = v_ref[ks, :]
-        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=precision)
-        return acc, m_new, l
+        return online_softmax_step(acc, m, l, s, v_ref[ks, :], precision)
 
-    init = (
-        jnp.zeros((block_q, d), jnp.float32),
-        jnp.full((block_q,), -jnp.inf, jnp.float32),
-        jnp.zeros((block_q,), jnp.float32),
-    )
-    acc, m, l = lax.fori_loop(0, hi_ref[()], body, init)
+    acc, m, l = lax.fori_loop(0, hi_ref[()], body, online_softmax_init(block_q, d))
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
