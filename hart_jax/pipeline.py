@@ -18,7 +18,6 @@ Dimensions: B images per program call, S prefix + prompt tokens, T context token
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os

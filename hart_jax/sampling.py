@@ -199,7 +199,6 @@ def sample_images(
     pn = cfg.patch_nums
     n = len(pn)
     b = context.shape[0]
-    v = cfg.vocab_size
     trace: dict[str, Any] = {}
     apply = lambda method, *a: t2i.apply(t2i_vars, *a, method=method)
     codebook = tok_vars["params"]["quantize"]["embedding"]["embedding"]

@@ -1,9 +1,7 @@
 """Tokenizer converter: round trip, CLI, and every bad input named in the error."""
 
 import json
-import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
