@@ -36,7 +36,7 @@ import numpy as np
 
 from hart_jax.checkpoint import load_converted, save_converted
 from hart_jax.convert.table import Rule, apply_table, dense_rules, norm_rules
-from hart_jax.convert.torch_io import _to_numpy, find_weight_file, load_state_dict, read_json
+from hart_jax.convert.torch_io import _to_numpy, find_weight_file, load_state_dict, read_config, read_json
 from hart_jax.errors import CheckpointError, HartError
 from hart_jax.models.text_encoder import Qwen2Config, abstract_variables
 
@@ -132,13 +132,7 @@ def convert_qwen2_state(
 # ------------------------------------------------------------------- loading
 def load_qwen2_config(src_dir: str | os.PathLike) -> Qwen2Config:
     """``Qwen2Config`` from ``<src_dir>/config.json``; errors name the file."""
-    path = Path(src_dir) / "config.json"
-    try:
-        return Qwen2Config.from_hf_dict(read_json(path), source=str(path))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    return read_config(Path(src_dir) / "config.json", Qwen2Config.from_hf_dict)
 
 
 def _load_safetensors_filtered(path: Path, keep: Callable[[str], bool]) -> dict[str, np.ndarray]:

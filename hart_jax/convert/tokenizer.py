@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from hart_jax.convert.table import Rule, apply_table, conv_rules, expected_params, norm_rules
-from hart_jax.convert.torch_io import find_weight_file, load_state_dict, read_json
+from hart_jax.convert.torch_io import find_weight_file, load_state_dict, read_config
 from hart_jax.errors import CheckpointError
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
 
@@ -102,13 +102,7 @@ def load_tokenizer_config(src_dir: str | os.PathLike) -> TokenizerConfig:
     """``TokenizerConfig`` from ``<src_dir>/config.json``; errors name the file."""
     if not Path(src_dir).is_dir():
         raise CheckpointError(f"{src_dir}: not a directory")
-    path = Path(src_dir) / "config.json"
-    try:
-        return TokenizerConfig.from_hf_dict(read_json(path), source=str(path))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    return read_config(Path(src_dir) / "config.json", TokenizerConfig.from_hf_dict)
 
 
 def convert_tokenizer(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import jax
 import numpy as np
@@ -51,6 +51,20 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise CheckpointError(f"{p}: expected a JSON object, got {type(d).__name__}")
     return d
+
+
+C = TypeVar("C")
+
+
+def read_config(path: str | os.PathLike, from_dict: Callable[..., C]) -> C:
+    """``from_dict(<parsed JSON>, source=path)``; a rejected config becomes a
+    ``CheckpointError`` whose message names the file."""
+    p = Path(path)
+    d = read_json(p)
+    try:
+        return from_dict(d, source=str(p))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e) if str(p) in str(e) else f"{p}: {e}") from None
 
 
 def _to_numpy(t: Any) -> np.ndarray:
