@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expected image side in pixels; an error if the checkpoint generates another size")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    p.add_argument("--attention-impl", choices=["auto", "xla", "cudnn", "pallas"], default="auto",
+                   help="attention implementation (auto: the fastest measured for the backend; logged)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     return p
 

@@ -6,6 +6,10 @@ Measures, on the current default device:
   9750 = 300 text + 13 scales of the 1024 px model), forward and forward+backward;
 - sampling attention for every stage of the 1024 px model: the stage's queries against
   the KV cache (``padded_cache_length(9750)`` entries) filled up to the end of the stage.
+  By default the caches are laid out as the sampler keeps them, every block's stacked
+  ``[depth, B, Lm, H, D]`` with the block index traced, so the time includes whatever
+  an implementation pays to get at one block's cache (``--cache-layout single``: one
+  ``[B, Lm, H, D]`` cache).
 
 Throughput counts useful FLOPs only (visible query-key pairs: 4·D per pair forward,
 2.5x that again backward), so an implementation that computes masked entries gets no
@@ -13,12 +17,14 @@ credit for them. Results are written as JSON (``--out``) and printed as a Markdo
 table for ``docs/benchmarks.md``.
 
 Usage (GPU):   python -m bench.attention_bench --out bench_results.json
+Tile sweep:    python -m bench.attention_bench --sweep --stages 0,8,13 --out sweep.json
 Smoke (CPU):   python -m bench.attention_bench --smoke   (tiny shapes, Pallas interpreted)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -38,9 +44,10 @@ from hart_jax.kernels.level_attention import LevelAttentionConfig  # noqa: E402
 
 # hart-0.7b-1024px: 300 text tokens, 14 scales, 24 heads of 64; SMOKE: the fixture model's layout
 FULL = dict(
-    context_tokens=300, patch_nums=(1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64), heads=24, head_dim=64
+    context_tokens=300, patch_nums=(1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64), heads=24, head_dim=64,
+    depth=24,
 )
-SMOKE = dict(context_tokens=6, patch_nums=(1, 2, 3, 4, 6), heads=2, head_dim=16)
+SMOKE = dict(context_tokens=6, patch_nums=(1, 2, 3, 4, 6), heads=2, head_dim=16, depth=2)
 
 
 def level_ids(context_tokens: int, patch_nums: Sequence[int]) -> np.ndarray:
@@ -90,10 +97,31 @@ def _run(name: str, fn: Callable, args: Sequence[Any], flops: float, peak: float
     return {"impl": name, "ms": t * 1e3, "tflops": tflops, "fraction_of_peak": tflops / peak}
 
 
+def level_config(args: argparse.Namespace) -> LevelAttentionConfig:
+    """The training kernel's tiles and launch parameters from the flags."""
+    return LevelAttentionConfig(
+        block_q=args.block_q, block_k=args.block_k, block_q_bwd=args.block_q_bwd,
+        block_k_bwd=args.block_k_bwd, num_warps=args.num_warps, num_stages=args.num_stages,
+        num_warps_bwd=args.num_warps, num_stages_bwd=args.num_stages,
+    )
+
+
+def cache_config(args: argparse.Namespace) -> CacheAttentionConfig:
+    """The sampling kernel's tiles and launch parameters from the flags."""
+    return CacheAttentionConfig(block_q=args.cache_block_q, block_k=args.cache_block_k,
+                                num_warps=args.num_warps, num_stages=args.num_stages)
+
+
 def bench_training(
-    shape: dict, impls: Sequence[str], args: argparse.Namespace, peak: float, interpret: bool
+    shape: dict,
+    impls: Sequence[str],
+    args: argparse.Namespace,
+    peak: float,
+    interpret: bool,
+    cfg: LevelAttentionConfig | None = None,
+    passes: Sequence[str] = ("fwd", "fwd+bwd"),
 ) -> list:
-    """Level-mask attention, forward and forward+backward, for each implementation."""
+    """Level-mask attention, forward and/or forward+backward, for each implementation."""
     lev = level_ids(shape["context_tokens"], shape["patch_nums"])
     L, H, D, B = len(lev), shape["heads"], shape["head_dim"], args.batch
     dtype = jnp.dtype(args.dtype)
@@ -103,11 +131,7 @@ def bench_training(
     fwd_flops = 4.0 * D * pairs * B * H
     scale = 0.25 / np.sqrt(D)
     lev_j = jnp.asarray(lev)
-    cfg = LevelAttentionConfig(
-        block_q=args.block_q, block_k=args.block_k, block_q_bwd=args.block_q_bwd,
-        block_k_bwd=args.block_k_bwd, num_warps=args.num_warps, num_stages=args.num_stages,
-        num_warps_bwd=args.num_warps, num_stages_bwd=args.num_stages,
-    )
+    cfg = cfg or level_config(args)
     rows = []
     for impl in impls:
         def f(q, k, v, impl=impl):
@@ -117,15 +141,22 @@ def bench_training(
         def fb(q, k, v, do, f=f):
             return jax.vjp(f, q, k, v)[1](do)
 
-        r = _run(impl, jax.jit(f), (q, k, v), fwd_flops, peak, args.warmup, args.iters)
-        rows.append({"pass": "fwd", "L": L, "B": B, "H": H, "D": D, **r})
-        r = _run(impl, jax.jit(fb), (q, k, v, do), 3.5 * fwd_flops, peak, args.warmup, args.iters)
-        rows.append({"pass": "fwd+bwd", "L": L, "B": B, "H": H, "D": D, **r})
+        if "fwd" in passes:
+            r = _run(impl, jax.jit(f), (q, k, v), fwd_flops, peak, args.warmup, args.iters)
+            rows.append({"pass": "fwd", "L": L, "B": B, "H": H, "D": D, **r})
+        if "fwd+bwd" in passes:
+            r = _run(impl, jax.jit(fb), (q, k, v, do), 3.5 * fwd_flops, peak, args.warmup, args.iters)
+            rows.append({"pass": "fwd+bwd", "L": L, "B": B, "H": H, "D": D, **r})
     return rows
 
 
 def bench_sampling(
-    shape: dict, impls: Sequence[str], args: argparse.Namespace, peak: float, interpret: bool
+    shape: dict,
+    impls: Sequence[str],
+    args: argparse.Namespace,
+    peak: float,
+    interpret: bool,
+    cfg: CacheAttentionConfig | None = None,
 ) -> list:
     """Cache attention of every sampling stage, for each implementation."""
     stages = stage_shapes(shape["context_tokens"], shape["patch_nums"])
@@ -136,23 +167,67 @@ def bench_sampling(
     H, D, B = shape["heads"], shape["head_dim"], args.sample_batch
     dtype = jnp.dtype(args.dtype)
     kk, kv = jax.random.split(jax.random.PRNGKey(2))
-    k_cache = jax.random.normal(kk, (B, Lm, H, D), dtype)
-    v_cache = jax.random.normal(kv, (B, Lm, H, D), dtype)
+    stacked = args.cache_layout == "stacked"
+    cache_shape = ((shape["depth"],) if stacked else ()) + (B, Lm, H, D)
+    k_cache = jax.random.normal(kk, cache_shape, dtype)
+    v_cache = jax.random.normal(kv, cache_shape, dtype)
+    layer = jnp.int32(shape["depth"] // 2) if stacked else None  # traced, as in the sampler's loop
     scale = 0.25 / np.sqrt(D)
-    cfg = CacheAttentionConfig(block_q=args.cache_block_q, block_k=args.cache_block_k,
-                               num_warps=args.num_warps, num_stages=args.num_stages)
+    cfg = cfg or cache_config(args)
     rows = []
     for s, n, end in stages:
         q = jax.random.normal(jax.random.PRNGKey(100 + s), (B, n, H, D), dtype)
         flops = 4.0 * D * n * end * B * H
         for impl in impls:
-            def f(q, kc, vc, impl=impl, end=end):
-                return attn.cache_attention(q, kc, vc, valid_len=end, scale=scale, impl=impl,
+            def f(q, kc, vc, layer, impl=impl, end=end):
+                return attn.cache_attention(q, kc, vc, valid_len=end, scale=scale, layer=layer, impl=impl,
                                             interpret=interpret, config=cfg)
 
-            r = _run(impl, jax.jit(f), (q, k_cache, v_cache), flops, peak, args.warmup, args.iters)
-            rows.append({"stage": s, "queries": n, "valid": end, "cache": Lm, "B": B, **r})
+            r = _run(impl, jax.jit(f), (q, k_cache, v_cache, layer), flops, peak, args.warmup, args.iters)
+            rows.append({"stage": s, "queries": n, "valid": end, "cache": Lm, "B": B,
+                         "layout": args.cache_layout, **r})
     return rows
+
+
+def sweep_grids(smoke: bool) -> dict[str, list[dict]]:
+    """Grid points of the Pallas tile sweep (two per grid under ``--smoke``)."""
+    grids = {
+        "fwd": [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
+                for bq in (64, 128) for bk in (32, 64, 128) for w in (4, 8) for st in (2, 3)],
+        "fwd+bwd": [dict(block_q_bwd=bq, block_k_bwd=bk, num_warps_bwd=w, num_stages_bwd=st)
+                    for bq in (32, 64) for bk in (64, 128) for w in (4, 8) for st in (2, 3)],
+        "cache": [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=2)
+                  for bq in (32, 64, 128) for bk in (64, 128) for w in (4, 8)],
+    }
+    return {k: v[:2] for k, v in grids.items()} if smoke else grids
+
+
+def sweep(shape: dict, args: argparse.Namespace, peak: float, interpret: bool) -> dict:
+    """Time the Pallas kernels over ``sweep_grids``; rows fastest first, failures last.
+
+    The backward grid runs with the best forward tiles; the cache grid is timed as
+    the sum over the sampling stages (``--stages`` selects them).
+    """
+    grids = sweep_grids(args.smoke)
+    fastest = lambda rows: sorted(rows, key=lambda r: r.get("ms", float("inf")))  # noqa: E731
+    base = level_config(args)
+    fwd = []
+    for point in grids["fwd"]:
+        cfg = dataclasses.replace(base, **point)
+        fwd += [{**point, **r} for r in bench_training(shape, ["pallas"], args, peak, interpret, cfg, ("fwd",))]
+    fwd = fastest(fwd)
+    if "ms" in fwd[0]:
+        base = dataclasses.replace(base, **{k: fwd[0][k] for k in grids["fwd"][0]})
+    bwd = []
+    for point in grids["fwd+bwd"]:
+        cfg = dataclasses.replace(base, **point)
+        bwd += [{**point, **r} for r in bench_training(shape, ["pallas"], args, peak, interpret, cfg, ("fwd+bwd",))]
+    cache = []
+    for point in grids["cache"]:
+        rows = bench_sampling(shape, ["pallas"], args, peak, interpret, CacheAttentionConfig(**point))
+        errors = [r["error"] for r in rows if "error" in r]
+        cache.append({**point, "error": errors[0]} if errors else {**point, "ms": sum(r["ms"] for r in rows)})
+    return {"fwd": fwd, "fwd+bwd": fastest(bwd), "cache": fastest(cache)}
 
 
 def markdown(result: dict) -> str:
@@ -178,7 +253,12 @@ def markdown(result: dict) -> str:
             cells = (r["stage"], r["queries"], r["valid"], r["impl"], f"{r['ms']:.3f}", f"{r['tflops']:.3g}")
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     totals = result["sampling_total_ms"]
-    lines += ["", "sampling, all stages: " + ", ".join(f"{k} {v:.3f} ms" for k, v in totals.items())]
+    lines += ["", f"sampling ({result.get('cache_layout', 'single')} caches), all stages: " + ", ".join(f"{k} {v:.3f} ms" for k, v in totals.items())]
+    for name, rows in result.get("sweep", {}).items():
+        lines += ["", f"pallas sweep, {name} (fastest first):"]
+        for r in rows[:5] + [r for r in rows[5:] if "error" in r][:3]:
+            params = ", ".join(f"{k}={v}" for k, v in r.items() if k.startswith(("block", "num")))
+            lines.append(f"- {params}: " + (f"{r['ms']:.3f} ms" if "ms" in r else r["error"]))
     return "\n".join(lines)
 
 
@@ -200,8 +280,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-block-k", type=int, default=CacheAttentionConfig.block_k)
     p.add_argument("--num-warps", type=int, default=LevelAttentionConfig.num_warps)
     p.add_argument("--num-stages", type=int, default=LevelAttentionConfig.num_stages)
+    p.add_argument("--cache-layout", default="stacked", choices=["stacked", "single"],
+                   help="sampling caches: every block's stacked (the sampler's layout) or one block's")
     p.add_argument("--stages", default="", help="comma-separated sampling stages to run (default: all)")
     p.add_argument("--no-sampling", dest="sampling", action="store_false", help="skip the sampling stages")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the Pallas kernels over a grid of tiles / warps / stages")
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     args = p.parse_args(argv)
     if args.smoke:
@@ -229,11 +313,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "dtype": args.dtype,
         "smoke": args.smoke,
         "pallas_interpret": interpret,
+        "cache_layout": args.cache_layout,
         "shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()},
         "matmul_peak": peak,
         "training": bench_training(shape, impls, args, peak["tflops"], interpret),
         "sampling": bench_sampling(shape, impls, args, peak["tflops"], interpret) if args.sampling else [],
     }
+    if args.sweep:
+        result["sweep"] = sweep(shape, args, peak["tflops"], interpret)
     totals: dict[str, float] = {}
     for impl in impls:
         rows = [r for r in result["sampling"] if r["impl"] == impl]

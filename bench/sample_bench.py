@@ -35,6 +35,7 @@ from configs.transformer import get_config as t2i_preset  # noqa: E402
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig  # noqa: E402
 from hart_jax.models.text_encoder import Qwen2Config, Qwen2Model  # noqa: E402
 from hart_jax.models.transformer import HARTTransformer, T2IConfig, init_inputs  # noqa: E402
+from hart_jax.attention import resolve_impl  # noqa: E402
 from hart_jax.pipeline import HARTPipeline  # noqa: E402
 from hart_jax.sampling import SamplingConfig  # noqa: E402
 
@@ -55,17 +56,21 @@ class TextParts:
     max_length: int
 
 
-def build(preset: str, resolution: int, dtype, abstract: bool = False) -> HARTPipeline:
+def build(
+    preset: str, resolution: int, dtype, abstract: bool = False, attention_impl: str = "auto"
+) -> HARTPipeline:
     """A pipeline with random weights for ``preset`` at ``resolution`` (shapes only if
-    ``abstract``: enough to lower and compile without allocating the weights)."""
+    ``abstract``: enough to lower and compile without allocating the weights), its
+    transformer using ``attention_impl``."""
     if preset == "tiny":
         tok_cfg = TokenizerConfig(**tok_preset("tiny"))
-        t2i_cfg = T2IConfig(**t2i_preset("tiny"))
+        t2i_cfg = T2IConfig(**t2i_preset("tiny"), attention_impl=attention_impl)
         q_cfg = Qwen2Config(vocab_size=400, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     else:
         tok_cfg = TokenizerConfig(**{**tok_preset("hart_0p7b_1024"), "v_patch_nums": PATCH_NUMS[resolution]})
-        t2i_cfg = T2IConfig(**{**t2i_preset("hart_0p7b_1024"), "patch_nums": PATCH_NUMS[resolution]})
+        t2i_cfg = T2IConfig(**{**t2i_preset("hart_0p7b_1024"), "patch_nums": PATCH_NUMS[resolution]},
+                            attention_impl=attention_impl)
         q_cfg = Qwen2Config()  # Qwen2-1.5B shapes
     key = jax.random.PRNGKey(0)
     side = tok_cfg.v_patch_nums[-1] * tok_cfg.downsample
@@ -140,6 +145,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--attention-impl", choices=["auto", "xla", "cudnn", "pallas"], default="auto",
+                   help="the transformer's attention_impl (auto: the backend's default, logged)")
     p.add_argument("--compile-only", action="store_true", help="only lower + compile (memory and compile time)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -149,11 +156,11 @@ def main(argv=None) -> None:
     results = {
         "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
         "jax": jax.__version__, "python": platform.python_version(), "preset": args.preset,
-        "dtype": str(jnp.dtype(dtype)), "command": " ".join(["python", "bench/sample_bench.py", *sys.argv[1:]]),
+        "dtype": str(jnp.dtype(dtype)), "attention_impl": resolve_impl(args.attention_impl), "command": " ".join(["python", "bench/sample_bench.py", *sys.argv[1:]]),
         "runs": [],
     }
     for res in resolutions:
-        pipe = build(args.preset, res, dtype, abstract=args.compile_only)
+        pipe = build(args.preset, res, dtype, abstract=args.compile_only, attention_impl=args.attention_impl)
         for b in args.batch_sizes:
             r = {"resolution": pipe.resolution, **measure(pipe, b, args.repeats, args.compile_only)}
             results["runs"].append(r)

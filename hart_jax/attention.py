@@ -162,13 +162,28 @@ def attention(
     )
 
 
+def _layer_caches(
+    k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | int, n: int
+) -> tuple[jax.Array, jax.Array]:
+    """The first ``n`` entries of block ``layer``'s caches, from the stacked ``[NL, B, Lm, H, D]``."""
+    if k_cache.ndim != 5 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"with layer, k_cache and v_cache must be stacked [NL, B, Lm, H, D] of one shape, "
+            f"got {k_cache.shape} and {v_cache.shape}"
+        )
+    nl, b, _, h, d = k_cache.shape
+    start = (jnp.asarray(layer, jnp.int32), 0, 0, 0, 0)
+    return tuple(jax.lax.dynamic_slice(c, start, (1, b, n, h, d))[0] for c in (k_cache, v_cache))
+
+
 def cache_attention(
     q_BLqHD: jax.Array,
-    k_cache_BLmHD: jax.Array,
-    v_cache_BLmHD: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
     *,
     valid_len: jax.Array | int,
     scale: float,
+    layer: jax.Array | int | None = None,
     impl: str | None = "auto",
     precision: lax.PrecisionLike = None,
     interpret: bool | None = None,
@@ -176,17 +191,37 @@ def cache_attention(
 ) -> jax.Array:
     """Sampling attention: one scale's queries see cache entries ``[0, valid_len)``.
 
-    ``valid_len``: int scalar or ``[B]``. Forward only for ``pallas``.
-    Returns ``[B, Lq, H, D]`` in the input dtype.
+    ``k_cache``/``v_cache``: ``[B, Lm, H, D]``, or with ``layer`` (int, may be traced)
+    the stacked caches of every block ``[NL, B, Lm, H, D]``, of which block ``layer``
+    is read (``pallas`` reads it in place; ``xla``/``cudnn`` slice it out).
+    ``valid_len``: int scalar or ``[B]``; a Python int lets ``xla`` read just that
+    prefix of the cache. Forward only for ``pallas``. Returns ``[B, Lq, H, D]`` in the
+    input dtype.
     """
     chosen = resolve_impl(impl)
+    if chosen == "pallas":
+        return pallas_cache_attention(
+            q_BLqHD, k_cache, v_cache, valid_len,
+            scale=scale,
+            layer=layer,
+            config=config,
+            precision=_kernel_precision(precision),
+            interpret=pallas_interpret() if interpret is None else interpret,
+        )
+    lm_axis = 1 if layer is None else 2
+    static_len = isinstance(valid_len, int) and 0 < valid_len < k_cache.shape[lm_axis]
+    if layer is not None:
+        n = valid_len if chosen == "xla" and static_len else k_cache.shape[lm_axis]
+        k_cache, v_cache = _layer_caches(k_cache, v_cache, layer, n)
+    elif chosen == "xla" and static_len:
+        k_cache, v_cache = k_cache[:, :valid_len], v_cache[:, :valid_len]
+    check_qkv(q_BLqHD, k_cache, v_cache, k_name="k_cache")
     if chosen == "xla":
-        check_qkv(q_BLqHD, k_cache_BLmHD, v_cache_BLmHD, k_name="k_cache")
         run = lambda q: _ref.cache_attention_reference(
-            q, k_cache_BLmHD, v_cache_BLmHD, valid_len, scale,
+            q, k_cache, v_cache, valid_len, scale,
             matmul_dtype=q_BLqHD.dtype, precision=precision,
         )
-        chunk = _query_chunk(q_BLqHD.shape, k_cache_BLmHD.shape[1])
+        chunk = _query_chunk(q_BLqHD.shape, k_cache.shape[1])
         if chunk == q_BLqHD.shape[1]:
             return run(q_BLqHD)
         # bound the [B, H, Lq, Lk] logits: queries in chunks (rows are independent)
@@ -194,19 +229,10 @@ def cache_attention(
         q_chunks = q_BLqHD.reshape(B, Lq // chunk, chunk, H, D).transpose(1, 0, 2, 3, 4)
         out = jax.lax.map(run, q_chunks)
         return out.transpose(1, 0, 2, 3, 4).reshape(B, Lq, H, D)
-    if chosen == "cudnn":
-        check_qkv(q_BLqHD, k_cache_BLmHD, v_cache_BLmHD, k_name="k_cache")
-        _cudnn_check(q_BLqHD)
-        B, Lm = k_cache_BLmHD.shape[:2]
-        n_B = jnp.clip(_ref.valid_len_1d(valid_len, B), 0, Lm)
-        return jax.nn.dot_product_attention(
-            q_BLqHD, k_cache_BLmHD, v_cache_BLmHD, scale=scale,
-            key_value_seq_lengths=n_B, implementation="cudnn",
-        )
-    return pallas_cache_attention(
-        q_BLqHD, k_cache_BLmHD, v_cache_BLmHD, valid_len,
-        scale=scale,
-        config=config,
-        precision=_kernel_precision(precision),
-        interpret=pallas_interpret() if interpret is None else interpret,
+    _cudnn_check(q_BLqHD)
+    B, Lm = k_cache.shape[:2]
+    n_B = jnp.clip(_ref.valid_len_1d(valid_len, B), 0, Lm)
+    return jax.nn.dot_product_attention(
+        q_BLqHD, k_cache, v_cache, scale=scale,
+        key_value_seq_lengths=n_B, implementation="cudnn",
     )

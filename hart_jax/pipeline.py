@@ -18,6 +18,7 @@ Dimensions: B images per program call, S prefix + prompt tokens, T context token
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hart_jax.attention import resolve_impl
 from hart_jax.checkpoint import MARKER, load_converted, read_marker
 from hart_jax.errors import CheckpointError
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
@@ -119,8 +121,14 @@ class HARTPipeline:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_converted(cls, ckpt_dir: str | os.PathLike, **kw: Any) -> "HARTPipeline":
-        """Load a directory written by ``python -m hart_jax.convert release``."""
+    def from_converted(
+        cls, ckpt_dir: str | os.PathLike, attention_impl: str | None = None, **kw: Any
+    ) -> "HARTPipeline":
+        """Load a directory written by ``python -m hart_jax.convert release``.
+
+        ``attention_impl`` (``auto``/``xla``/``cudnn``/``pallas``) overrides the
+        transformer's attention implementation (default: the config's, ``auto``).
+        """
         from hart_jax.prompts import PromptEncoder
 
         d = check_pipeline_dir(ckpt_dir)
@@ -131,6 +139,9 @@ class HARTPipeline:
             t2i_cfg_d, vocab_size=t2i_cfg_d["vocab_size"], z_channels=t2i_cfg_d["z_channels"],
             source=str(d / "transformer" / "config.json"),
         )
+        if attention_impl is not None:
+            resolve_impl(attention_impl)  # a ValueError naming the choices, before any weights are placed
+            t2i_cfg = dataclasses.replace(t2i_cfg, attention_impl=attention_impl)
         text = PromptEncoder.from_converted(d / "text_encoder", dtype=kw.get("dtype") or default_dtype())
         return cls(tok_cfg, tok_vars, t2i_cfg, t2i_vars, text, **kw)
 

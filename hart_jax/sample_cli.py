@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> Iterator[str]:
     import jax.numpy as jnp
     from PIL import Image
 
+    from hart_jax.attention import resolve_impl
     from hart_jax.pipeline import HARTPipeline, check_pipeline_dir
 
     prompts = read_prompts(args.prompt, args.prompt_file)
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> Iterator[str]:
         raise HartError(f"--top-p must be in [0, 1), got {args.top_p}")
     check_pipeline_dir(args.ckpt)
     dtype = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    pipe = HARTPipeline.from_converted(args.ckpt, dtype=dtype)
+    pipe = HARTPipeline.from_converted(args.ckpt, attention_impl=args.attention_impl, dtype=dtype)
     if args.resolution is not None and args.resolution != pipe.resolution:
         raise HartError(
             f"unsupported resolution {args.resolution}: this checkpoint generates {pipe.resolution}x{pipe.resolution}"
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> Iterator[str]:
         "more_smooth": args.more_smooth,
         "batch_size": args.batch_size,
         "dtype": str(jnp.dtype(pipe.dtype)),
+        "attention_impl": resolve_impl(pipe.t2i_cfg.attention_impl),
         "resolution": pipe.resolution,
         "files": names,
         "images": [

@@ -188,6 +188,34 @@ def test_cache_attention(dtype):
     assert np.all(np.asarray(run(q, k_cache, v_cache, jnp.array([19, 71, 0], jnp.int32)))[2] == 0.0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cache_attention_reads_stacked_layers(dtype):
+    """The sampler's layout: every block's caches stacked [NL, B, Lm, H, D], the block index traced.
+    Lm = 128 is read in place; Lm = 71 needs padding, so that layer is sliced out first."""
+    NL, B, Lq, H, D = 3, 2, 9, 2, 16
+    for Lm, n in ((128, jnp.array([37, 128], jnp.int32)), (71, jnp.array([71, 0], jnp.int32))):
+        kq, kk, kv = jax.random.split(jax.random.PRNGKey(Lm), 3)
+        q = rand(kq, (B, Lq, H, D), dtype)
+        k_all, v_all = rand(kk, (NL, B, Lm, H, D), dtype), rand(kv, (NL, B, Lm, H, D), dtype)
+        run = jax.jit(
+            lambda q, kc, vc, n, layer: cache_attention(
+                q, kc, vc, n, scale=0.1, layer=layer, config=CacheAttentionConfig(block_k=16), interpret=True
+            )
+        )
+        for layer in range(NL):
+            got = run(q, k_all, v_all, n, jnp.int32(layer))
+            f32 = [x.astype(jnp.float32) for x in (q, k_all[layer], v_all[layer])]
+            want = cache_attention_reference(*f32, n, 0.1)
+            assert got.dtype == dtype
+            assert_tree_close([got], [want], TOL[dtype], [f"Lm={Lm} layer={layer}"])
+        # an index past the stack reads the last block, as lax.dynamic_slice would
+        np.testing.assert_array_equal(run(q, k_all, v_all, n, jnp.int32(7)), run(q, k_all, v_all, n, jnp.int32(2)))
+    with pytest.raises(ValueError, match="stacked"):
+        cache_attention(q, k_all[0], v_all[0], n, scale=0.1, layer=0, interpret=True)
+    with pytest.raises(ValueError, match="layer must be an integer scalar"):
+        cache_attention(q, k_all, v_all, n, scale=0.1, layer=jnp.zeros(2, jnp.int32), interpret=True)
+
+
 def test_cache_attention_is_forward_only():
     q = jnp.ones((1, 4, 1, 16))
     with pytest.raises(NotImplementedError, match="forward-only"):
@@ -251,6 +279,48 @@ def test_cache_attention_lowers_for_cuda(Lq):
     assert not any("9856" in line for line in pads), pads
 
 
+def test_stacked_cache_attention_lowers_for_cuda_without_copying_the_cache():
+    """The last stage of the 1024 px model, 4 prompts x CFG, reading block 12 of the 24 blocks'
+    stacked caches (11.6 GB of bf16 K and V, so the kernel needs 64-bit offsets): one Triton call
+    takes the stacks themselves, with no dynamic_slice, pad or copy of them."""
+    q = jax.ShapeDtypeStruct((8, 4096, 24, 64), jnp.bfloat16)
+    stack = jax.ShapeDtypeStruct((24, 8, padded_cache_length(9750), 24, 64), jnp.bfloat16)
+    n = jax.ShapeDtypeStruct((8,), jnp.int32)
+    layer = jax.ShapeDtypeStruct((), jnp.int32)
+    f = lambda q, kc, vc, n, layer: cache_attention(q, kc, vc, n, scale=0.25 / 8, layer=layer)  # noqa: E731
+    text = _lower_cuda(f, q, stack, stack, n, layer)
+    assert text.count(TRITON_CALL) == 1
+    stack_type = "tensor<24x8x9856x24x64xbf16>"
+    ops_on_stack = [
+        line for line in text.splitlines()
+        if stack_type in line and any(op in line for op in ("dynamic_slice", "stablehlo.pad", "stablehlo.slice", "copy"))
+    ]
+    assert not ops_on_stack, ops_on_stack
+    call = next(line for line in text.splitlines() if TRITON_CALL in line)
+    assert call.count(stack_type) == 2, call  # K and V go to the kernel whole
+
+
+def test_sampler_lowers_for_cuda_reading_the_stacked_caches_in_place():
+    """The whole sampling program (tiny preset, blocks in a fori_loop, attention_impl=pallas)
+    lowers for CUDA with one cache-attention call per stage, and the stacked caches are never
+    sliced: the kernel reads each block's rows itself."""
+    from bench.sample_bench import build, inputs
+    from hart_jax.sampling import SamplingConfig
+
+    pipe = build("tiny", 24, jnp.float32, abstract=True, attention_impl="pallas")
+    cfg = pipe.t2i_cfg
+    fn = pipe.program(2, SamplingConfig(scan_layers=True))
+    args = (pipe.t2i_vars, pipe.tok_vars, pipe.text_params, *inputs(pipe, 2), jnp.float32(4.5))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count(TRITON_CALL) == len(cfg.patch_nums)
+    stack_type = (
+        f"tensor<{cfg.depth}x4x{padded_cache_length(cfg.seq_len)}x{cfg.num_heads}x{cfg.head_dim}xf32>"
+    )
+    assert stack_type in text
+    sliced = [line for line in text.splitlines() if stack_type in line and "dynamic_slice" in line]
+    assert not sliced, sliced
+
+
 # ----------------------------------------------------------------------------- dispatcher
 
 
@@ -290,9 +360,16 @@ def test_dispatcher_impls_agree():
             got = run(q, k, v)
             assert_tree_close([got], [want], 1e-5, [impl])
         want_c = cache_attention_reference(q[:, :9], k, v, 19, 0.0625)
+        k_all, v_all = jnp.stack([v, k, v]), jnp.stack([k, v, k])  # block 1 holds (k, v)
         for impl in ("xla", "pallas"):
             got = attn.cache_attention(q[:, :9], k, v, valid_len=19, scale=0.0625, impl=impl)
             assert_tree_close([got], [want_c], 1e-5, [f"cache {impl}"])
+            stacked = jax.jit(
+                lambda q, ka, va, layer, impl=impl: attn.cache_attention(
+                    q, ka, va, valid_len=19, scale=0.0625, layer=layer, impl=impl
+                )
+            )
+            assert_tree_close([stacked(q[:, :9], k_all, v_all, jnp.int32(1))], [want_c], 1e-5, [f"stacked {impl}"])
     finally:
         attn.set_pallas_interpret(False)
     assert attn.resolve_impl("auto") == "xla"  # this machine is a CPU
@@ -335,7 +412,7 @@ def test_attention_bench_smoke(tmp_path):
     from bench import attention_bench
 
     out = tmp_path / "bench.json"
-    result = attention_bench.main(["--smoke", "--stages", "4", "--out", str(out)])
+    result = attention_bench.main(["--smoke", "--stages", "4", "--sweep", "--out", str(out)])
     assert json.loads(out.read_text())["training"] == result["training"]
     assert result["matmul_peak"]["tflops"] > 0
     by = {(r["pass"], r["impl"]): r for r in result["training"]}
@@ -343,8 +420,15 @@ def test_attention_bench_smoke(tmp_path):
         for p in ("fwd", "fwd+bwd"):
             assert by[(p, impl)]["tflops"] > 0, by[(p, impl)]
     assert "error" in by[("fwd", "cudnn")]  # no cuDNN on a CPU: recorded, not fatal
-    stages = [(r["stage"], r["impl"]) for r in result["sampling"] if "ms" in r]
-    assert stages == [(4, "xla"), (4, "pallas")]
+    stages = [(r["stage"], r["impl"], r["layout"]) for r in result["sampling"] if "ms" in r]
+    assert stages == [(4, "xla", "stacked"), (4, "pallas", "stacked")]
+    # the tile sweep: every grid point timed, fastest first
+    for name, grid in attention_bench.sweep_grids(smoke=True).items():
+        rows = result["sweep"][name]
+        points = sorted(repr({k: r[k] for k in grid[0]}) for r in rows)
+        assert points == sorted(map(repr, grid)), name
+        times = [r["ms"] for r in rows]
+        assert times == sorted(times) and times[0] > 0, (name, rows)
 
 
 def test_xla_cache_attention_chunks_long_query_blocks(monkeypatch):

@@ -83,6 +83,16 @@ def test_same_seed_same_images_and_batch_equals_single_calls(pipe):
     np.testing.assert_array_equal(u, np.round(a * 255).astype(np.uint8))
 
 
+def test_attention_impl_override(pipe_dir):
+    """``from_converted(attention_impl=...)`` replaces the config's choice; a bad name is refused
+    before anything is loaded onto the device."""
+    p = HARTPipeline.from_converted(pipe_dir, attention_impl="pallas")
+    assert p.t2i_cfg.attention_impl == "pallas" and p.t2i.cfg.attention_impl == "pallas"
+    assert HARTPipeline.from_converted(pipe_dir).t2i_cfg.attention_impl == "auto"
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        HARTPipeline.from_converted(pipe_dir, attention_impl="flash")
+
+
 def test_one_compile_per_shape(pipe_dir):
     p = HARTPipeline.from_converted(pipe_dir)
     p(PROMPTS, batch_size=4, seed=1)
@@ -154,6 +164,7 @@ def test_sample_py_end_to_end(pipe_dir, tmp_path):
     s = json.loads((tmp_path / "out" / "settings.json").read_text())
     assert s["prompts"] == ["a cat", "a red fox", "a blue bird"] and s["seeds"] == [7, 8, 9]
     assert s["more_smooth"] is False and s["top_k"] == 50 and s["cfg"] == 4.5
+    assert s["attention_impl"] == "xla"  # auto on a CPU
     files = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert files == s["files"] and len(files) == 3
     from PIL import Image
@@ -186,5 +197,5 @@ def test_sample_py_bad_input_is_one_line(pipe_dir, tmp_path, args, message):
 def test_sample_py_help_names_every_flag():
     r = subprocess.run([sys.executable, str(REPO / "sample.py"), "--help"], capture_output=True, text=True)
     for flag in ("--ckpt", "--prompt", "--prompt-file", "--cfg", "--seed", "--top-k", "--top-p", "--more-smooth",
-                 "--no-more-smooth", "--batch-size", "--out-dir", "--grid", "--no-grid"):
+                 "--no-more-smooth", "--batch-size", "--out-dir", "--grid", "--no-grid", "--attention-impl"):
         assert flag in r.stdout

@@ -10,6 +10,11 @@ Grid ``(q blocks, B, H)``; each program runs an online softmax over the key
 blocks ``[0, ceil(valid_len / block_k))`` only, so the unused tail of the cache
 is never read. Forward only (sampling needs no gradients).
 
+The sampler keeps every block's caches stacked ``[NL, B, Lm, H, D]`` and runs the
+blocks in a loop; with ``layer`` the kernel takes the stacks whole and reads block
+``layer``'s rows itself (the index is a kernel input), so no per-block copy of the
+cache is made.
+
 The cache length must be a multiple of the key block for the kernel; other
 lengths are padded here, which copies the cache on every call. Allocate caches
 with ``padded_cache_length(L)`` entries to avoid that copy.
@@ -68,55 +73,77 @@ def padded_cache_length(length: int) -> int:
     return round_up(length, CACHE_ALIGN)
 
 
-def _cache_kernel(n_ref, q_ref, k_ref, v_ref, o_ref, *, c, block_k, precision):
-    """One query block against cache entries ``[0, n)``."""
-    q = q_ref[...]
-    n = n_ref[()]
+def _attend_cache(q, n, load_k, load_v, *, c, block_k, precision):
+    """Online softmax of the query block ``q`` over cache entries ``[0, n)``.
+
+    ``load_k(ks)`` / ``load_v(ks)`` read the ``[block_k, D]`` key / value block ``ks``.
+    """
     block_q, d = q.shape
 
     def body(j, carry):
         acc, m, l = carry
         start = pl.multiple_of(j * block_k, block_k)
         ks = pl.ds(start, block_k)
-        k = k_ref[ks, :]
         visible = (start + jnp.arange(block_k, dtype=jnp.int32)) < n
-        s = dot(q, k, trans_b=True, precision=precision) * c
+        s = dot(q, load_k(ks), trans_b=True, precision=precision) * c
         s = jnp.where(visible[None, :], s, -jnp.inf)
-        return online_softmax_step(acc, m, l, s, v_ref[ks, :], precision)
+        return online_softmax_step(acc, m, l, s, load_v(ks), precision)
 
     acc, _, l = lax.fori_loop(0, pl.cdiv(n, block_k), body, online_softmax_init(block_q, d))
-    o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+    return acc / jnp.where(l == 0.0, 1.0, l)[:, None]
 
 
-def _cache_call(q, k, v, n_B, *, scale, block_q, block_k, num_warps, num_stages, precision, interpret):
+def _cache_kernel(n_ref, q_ref, k_ref, v_ref, o_ref, **kw):
+    """One query block against the ``[Pm, D]`` cache block of its (row, head)."""
+    out = _attend_cache(q_ref[...], n_ref[()], lambda ks: k_ref[ks, :], lambda ks: v_ref[ks, :], **kw)
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def _stacked_cache_kernel(layer_ref, n_ref, q_ref, k_ref, v_ref, o_ref, **kw):
+    """As ``_cache_kernel``, reading layer ``layer_ref[0]`` of the whole ``[NL, B, Pm, H, D]`` caches."""
+    layer, b, h = layer_ref[0], pl.program_id(1), pl.program_id(2)
+    out = _attend_cache(
+        q_ref[...], n_ref[()], lambda ks: k_ref[layer, b, ks, h, :], lambda ks: v_ref[layer, b, ks, h, :], **kw
+    )
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def _cache_call(q, k, v, n_B, layer, *, scale, block_q, block_k, num_warps, num_stages, precision, interpret):
+    """``layer`` None: k, v are ``[B, Pm, H, D]``; else int32 ``[1]`` and k, v are stacked ``[NL, B, Pm, H, D]``."""
     B, Pq, H, D = q.shape
-    Pm = k.shape[1]
     nq = Pq // block_q
-    kernel = functools.partial(_cache_kernel, c=scale * LOG2E, block_k=block_k, precision=precision)
+    kw = dict(c=scale * LOG2E, block_k=block_k, precision=precision)
+    q_spec = pl.BlockSpec((SQ, block_q, SQ, D), lambda i, b, h: (b, i, h, 0))
+    n_spec = pl.BlockSpec((SQ,), lambda i, b, h: (b,))
+    if layer is None:
+        Pm = k.shape[1]
+        kv_spec = pl.BlockSpec((SQ, Pm, SQ, D), lambda i, b, h: (b, 0, h, 0))
+        kernel, in_specs, args = _cache_kernel, [n_spec, q_spec, kv_spec, kv_spec], (n_B, q, k, v)
+    else:
+        # the stacked caches stay whole (no block of them is copied); the kernel indexes them
+        whole = pl.BlockSpec(k.shape, lambda i, b, h: (0,) * k.ndim)
+        layer_spec = pl.BlockSpec((1,), lambda i, b, h: (0,))
+        kernel = _stacked_cache_kernel
+        in_specs, args = [layer_spec, n_spec, q_spec, whole, whole], (layer, n_B, q, k, v)
     return pl.pallas_call(
-        kernel,
+        functools.partial(kernel, **kw),
         grid=(nq, B, H),
-        in_specs=[
-            pl.BlockSpec((SQ,), lambda i, b, h: (b,)),
-            pl.BlockSpec((SQ, block_q, SQ, D), lambda i, b, h: (b, i, h, 0)),
-            pl.BlockSpec((SQ, Pm, SQ, D), lambda i, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((SQ, Pm, SQ, D), lambda i, b, h: (b, 0, h, 0)),
-        ],
-        out_specs=pl.BlockSpec((SQ, block_q, SQ, D), lambda i, b, h: (b, i, h, 0)),
+        in_specs=in_specs,
+        out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="hart_cache_attention",
-    )(n_B, q, k, v)
+    )(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _forward_only(q, k, v, n_B, kw):
-    return _cache_call(q, k, v, n_B, **dict(kw))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _forward_only(q, k, v, n_B, layer, kw):
+    return _cache_call(q, k, v, n_B, layer, **dict(kw))
 
 
-def _forward_only_fwd(q, k, v, n_B, kw):
-    return _cache_call(q, k, v, n_B, **dict(kw)), None
+def _forward_only_fwd(q, k, v, n_B, layer, kw):
+    return _cache_call(q, k, v, n_B, layer, **dict(kw)), None
 
 
 def _forward_only_bwd(kw, res, g):
@@ -128,13 +155,22 @@ def _forward_only_bwd(kw, res, g):
 _forward_only.defvjp(_forward_only_fwd, _forward_only_bwd)
 
 
+def _layer_index(layer: jax.Array | int, depth: int) -> jax.Array:
+    """Scalar block index -> int32 ``[1]``, clamped to ``[0, depth)`` like ``lax.dynamic_slice``."""
+    layer = jnp.asarray(layer)
+    if layer.ndim != 0 or not jnp.issubdtype(layer.dtype, jnp.integer):
+        raise ValueError(f"layer must be an integer scalar, got shape {layer.shape} dtype {layer.dtype}")
+    return jnp.clip(layer.astype(jnp.int32), 0, depth - 1)[None]
+
+
 def cache_attention(
     q_BLqHD: jax.Array,
-    k_cache_BLmHD: jax.Array,
-    v_cache_BLmHD: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
     valid_len: jax.Array | int,
     *,
     scale: float,
+    layer: jax.Array | int | None = None,
     config: CacheAttentionConfig | None = None,
     precision: lax.Precision = lax.Precision.HIGHEST,
     interpret: bool = False,
@@ -142,27 +178,54 @@ def cache_attention(
     """Queries of one scale against cache entries ``[0, valid_len)``; forward only.
 
     Args:
-      q_BLqHD: the scale's queries; k_cache_BLmHD, v_cache_BLmHD: the cache (same dtype).
+      q_BLqHD: the scale's queries.
+      k_cache, v_cache: the cache ``[B, Lm, H, D]`` (q's dtype); with ``layer``, every
+        block's caches stacked ``[NL, B, Lm, H, D]``.
       valid_len: int scalar or int ``[B]``: number of filled cache entries (clamped to Lm).
       scale: softmax scale (HART: ``0.25 / sqrt(D)``).
+      layer: int scalar (may be traced): the block whose caches to read. The kernel
+        indexes the stacked arrays itself, so no per-layer copy of the cache is made
+        (unless Lm or D need padding, see ``padded_cache_length``). Clamped to
+        ``[0, NL)`` like ``lax.dynamic_slice``.
       config, precision, interpret: as for ``level_attention``.
 
     Returns:
       ``[B, Lq, H, D]`` in the input dtype.
     """
-    check_qkv(q_BLqHD, k_cache_BLmHD, v_cache_BLmHD, k_name="k_cache")
+    layer_1 = None
+    if layer is not None:
+        if k_cache.ndim != 5 or v_cache.ndim != 5:
+            raise ValueError(
+                f"with layer, k_cache and v_cache must be stacked [NL, B, Lm, H, D], "
+                f"got {k_cache.shape} and {v_cache.shape}"
+            )
+        if k_cache.shape != v_cache.shape:
+            raise ValueError(f"k_cache and v_cache must have the same shape, got {k_cache.shape} and {v_cache.shape}")
+        layer_1 = _layer_index(layer, k_cache.shape[0])
+        one_layer = jax.ShapeDtypeStruct(k_cache.shape[1:], k_cache.dtype)
+        check_qkv(q_BLqHD, one_layer, one_layer, k_name="k_cache")
+        Lm_axis = 2
+    else:
+        check_qkv(q_BLqHD, k_cache, v_cache, k_name="k_cache")
+        Lm_axis = 1
     cfg = config or CacheAttentionConfig()
     B, Lq, H, D = q_BLqHD.shape
-    Lm = k_cache_BLmHD.shape[1]
+    Lm = k_cache.shape[Lm_axis]
     n_B = jnp.clip(valid_len_1d(valid_len, B), 0, Lm)
 
     block_q = fit_block(cfg.block_q, Lq)
     block_k = fit_block(cfg.block_k, Lm)
     Dp = padded_head_dim(D)
     Pm = round_up(Lm, block_k)
+    if layer_1 is not None and (Pm != Lm or Dp != D):
+        # padding would copy the whole stack: copy just this layer instead
+        k_cache, v_cache = (
+            lax.dynamic_index_in_dim(c, layer_1[0], axis=0, keepdims=False) for c in (k_cache, v_cache)
+        )
+        layer_1, Lm_axis = None, 1
     q = pad_axis(pad_axis(q_BLqHD, 3, Dp), 1, round_up(Lq, block_q))
-    k = pad_axis(pad_axis(k_cache_BLmHD, 3, Dp), 1, Pm)
-    v = pad_axis(pad_axis(v_cache_BLmHD, 3, Dp), 1, Pm)
+    k = pad_axis(pad_axis(k_cache, -1, Dp), Lm_axis, Pm)
+    v = pad_axis(pad_axis(v_cache, -1, Dp), Lm_axis, Pm)
     kw = (
         ("scale", float(scale)),
         ("block_q", block_q),
@@ -172,5 +235,5 @@ def cache_attention(
         ("precision", precision),
         ("interpret", bool(interpret)),
     )
-    o = _forward_only(q, k, v, n_B, kw)
+    o = _forward_only(q, k, v, n_B, layer_1, kw)
     return o[:, :Lq, :, :D]

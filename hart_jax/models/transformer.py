@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hart_jax.attention import attention, cache_attention, resolve_impl
+from hart_jax.attention import attention, cache_attention
 from hart_jax.layers.embeddings import TimestepEmbedder
 from hart_jax.layers.norms import RMSNorm
 from hart_jax.layers.rope import apply_rope, grid_positions, rope_1d, rope_2d
@@ -238,22 +238,17 @@ class Attention(nn.Module):
         b, l, c = x_BlC.shape
         q, k, v = self.qkv(x_BlC, cos_BlD, sin_BlD)
         end = offset + l
-        impl = resolve_impl(self.cfg.attention_impl)
         if layer is None:
             ck = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), offset, axis=1)
             cv = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), offset, axis=1)
-            # xla: attend to the static prefix only; the fused kernels read [0, end) of the full cache
-            keys, vals = (ck[:, :end], cv[:, :end]) if impl == "xla" else (ck, cv)
         else:
             start = (layer, 0, offset, 0, 0)
             ck = jax.lax.dynamic_update_slice(cache[0], k[None].astype(cache[0].dtype), start)
             cv = jax.lax.dynamic_update_slice(cache[1], v[None].astype(cache[1].dtype), start)
-            n = end if impl == "xla" else ck.shape[2]
-            size = (1,) + ck.shape[1:2] + (n,) + ck.shape[3:]
-            keys = jax.lax.dynamic_slice(ck, (layer, 0, 0, 0, 0), size)[0]
-            vals = jax.lax.dynamic_slice(cv, (layer, 0, 0, 0, 0), size)[0]
+        # xla reads the static prefix [0, end) only; pallas reads block `layer` of the stack in place
         out = cache_attention(
-            q, keys, vals, valid_len=end, scale=self.cfg.attn_scale, impl=impl, precision=self.precision
+            q, ck, cv, valid_len=end, scale=self.cfg.attn_scale, layer=layer,
+            impl=self.cfg.attention_impl, precision=self.precision,
         )
         return self.proj(out.reshape(b, l, c)), (ck, cv)
 
