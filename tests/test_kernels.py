@@ -1,7 +1,8 @@
 """Pallas attention kernels vs their jnp references (interpret mode on CPU), CUDA lowering, dispatcher.
 
 Lowering for the GPU without one: on JAX 0.10.2 with a CPU-only jaxlib,
-``jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`` runs the Pallas
+``jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`` (inside an abstract mesh
+naming an H100, which JAX >= 0.11 needs to pick the Triton target) runs the Pallas
 -> Triton lowering (the kernel's Triton IR is serialised into the
 ``__gpu$xla.gpu.triton`` custom call), so Pallas lowering errors (non power-of-two
 shapes, unsupported ops) fail here in CI. What it cannot catch is a failure
@@ -229,8 +230,17 @@ def test_padded_cache_length():
 # ----------------------------------------------------------------------------- CUDA lowering
 
 
+def _target_gpu():
+    """Name the GPU to lower for: JAX >= 0.11 takes the Triton target from the (abstract)
+    device and refuses without one; 0.10.2 falls back to compute capability 9.0, the H100's."""
+    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=dev))
+
+
 def _lower_cuda(f, *args) -> str:
-    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    fn = f if hasattr(f, "trace") else jax.jit(f)
+    with _target_gpu():
+        return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -311,7 +321,7 @@ def test_sampler_lowers_for_cuda_reading_the_stacked_caches_in_place():
     cfg = pipe.t2i_cfg
     fn = pipe.program(2, SamplingConfig(scan_layers=True))
     args = (pipe.t2i_vars, pipe.tok_vars, pipe.text_params, *inputs(pipe, 2), jnp.float32(4.5))
-    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = _lower_cuda(fn, *args)
     assert text.count(TRITON_CALL) == len(cfg.patch_nums)
     stack_type = (
         f"tensor<{cfg.depth}x4x{padded_cache_length(cfg.seq_len)}x{cfg.num_heads}x{cfg.head_dim}xf32>"
