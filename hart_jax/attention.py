@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from hart_jax.kernels import reference as _ref
-from hart_jax.kernels.cache_attention import CacheAttentionConfig
+from hart_jax.kernels.cache_attention import CacheAttentionConfig, stacked_layer_index
 from hart_jax.kernels.cache_attention import cache_attention as pallas_cache_attention
 from hart_jax.kernels.level_attention import LevelAttentionConfig, check_qkv
 from hart_jax.kernels.level_attention import level_attention as pallas_level_attention
@@ -166,13 +166,9 @@ def _layer_caches(
     k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | int, n: int
 ) -> tuple[jax.Array, jax.Array]:
     """The first ``n`` entries of block ``layer``'s caches, from the stacked ``[NL, B, Lm, H, D]``."""
-    if k_cache.ndim != 5 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"with layer, k_cache and v_cache must be stacked [NL, B, Lm, H, D] of one shape, "
-            f"got {k_cache.shape} and {v_cache.shape}"
-        )
-    nl, b, _, h, d = k_cache.shape
-    start = (jnp.asarray(layer, jnp.int32), 0, 0, 0, 0)
+    layer_1 = stacked_layer_index(k_cache, v_cache, layer)
+    _, b, _, h, d = k_cache.shape
+    start = (layer_1[0], 0, 0, 0, 0)
     return tuple(jax.lax.dynamic_slice(c, start, (1, b, n, h, d))[0] for c in (k_cache, v_cache))
 
 

@@ -155,12 +155,18 @@ def _forward_only_bwd(kw, res, g):
 _forward_only.defvjp(_forward_only_fwd, _forward_only_bwd)
 
 
-def _layer_index(layer: jax.Array | int, depth: int) -> jax.Array:
-    """Scalar block index -> int32 ``[1]``, clamped to ``[0, depth)`` like ``lax.dynamic_slice``."""
+def stacked_layer_index(k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | int) -> jax.Array:
+    """Check stacked ``[NL, B, Lm, H, D]`` caches and a scalar block index; returns the index
+    as int32 ``[1]``, clamped to ``[0, NL)`` like ``lax.dynamic_slice``."""
+    if k_cache.ndim != 5 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"with layer, k_cache and v_cache must be stacked [NL, B, Lm, H, D] of one shape, "
+            f"got {k_cache.shape} and {v_cache.shape}"
+        )
     layer = jnp.asarray(layer)
     if layer.ndim != 0 or not jnp.issubdtype(layer.dtype, jnp.integer):
         raise ValueError(f"layer must be an integer scalar, got shape {layer.shape} dtype {layer.dtype}")
-    return jnp.clip(layer.astype(jnp.int32), 0, depth - 1)[None]
+    return jnp.clip(layer.astype(jnp.int32), 0, k_cache.shape[0] - 1)[None]
 
 
 def cache_attention(
@@ -194,14 +200,7 @@ def cache_attention(
     """
     layer_1 = None
     if layer is not None:
-        if k_cache.ndim != 5 or v_cache.ndim != 5:
-            raise ValueError(
-                f"with layer, k_cache and v_cache must be stacked [NL, B, Lm, H, D], "
-                f"got {k_cache.shape} and {v_cache.shape}"
-            )
-        if k_cache.shape != v_cache.shape:
-            raise ValueError(f"k_cache and v_cache must have the same shape, got {k_cache.shape} and {v_cache.shape}")
-        layer_1 = _layer_index(layer, k_cache.shape[0])
+        layer_1 = stacked_layer_index(k_cache, v_cache, layer)
         one_layer = jax.ShapeDtypeStruct(k_cache.shape[1:], k_cache.dtype)
         check_qkv(q_BLqHD, one_layer, one_layer, k_name="k_cache")
         Lm_axis = 2
