@@ -15,17 +15,24 @@
 Two entry points: ``attention`` (training / teacher forcing, level mask) and
 ``cache_attention`` (sampling, queries of one scale against the KV cache).
 
+Under a multi-device context mesh the Pallas kernels run inside ``shard_map``, each
+device on its own rows (and heads): see ``kernel_mesh_axes``.
+
 Dimensions: B batch, Lq / Lk query / key lengths, Lm cache length, H heads, D head dim.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from hart_jax.kernels import reference as _ref
 from hart_jax.kernels.cache_attention import CacheAttentionConfig, stacked_layer_index
@@ -98,6 +105,86 @@ def _kernel_precision(precision: lax.PrecisionLike) -> lax.Precision:
     return lax.Precision.DEFAULT
 
 
+# ----------------------------------------------------------------------------- sharding
+
+
+def _axes_tuple(rule: Any) -> tuple[str, ...]:
+    if rule is None:
+        return ()
+    return (rule,) if isinstance(rule, str) else tuple(rule)
+
+
+def kernel_mesh_axes(batch: int, heads: int) -> tuple[Any, tuple[str, ...], tuple[str, ...]] | None:
+    """``(mesh, batch axes, head axes)`` the Pallas kernels are split over, or None.
+
+    XLA cannot partition a Triton custom call: given sharded operands it gathers them
+    and runs the kernel on the whole batch on every device. So inside a context mesh
+    (``jax.set_mesh``) with more than one device the kernels run under ``shard_map``,
+    each device on its own rows and heads. The axes come from the Flax logical rules
+    in context (``batch``, ``heads``, as in training); without rules the batch is
+    split over every mesh axis (the sampler's data parallelism). An axis that does not
+    divide its dimension is left out, as in ``hart_jax.train.sharding.spec_for``.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return None
+    rules = dict(nn.get_logical_axis_rules())
+
+    def pick(names: tuple[str, ...], dim: int, used: tuple[str, ...]) -> tuple[str, ...]:
+        keep: list[str] = []
+        for ax in names:
+            if ax in used or ax in keep or ax not in mesh.shape or mesh.shape[ax] == 1:
+                continue
+            if dim % (math.prod(mesh.shape[a] for a in keep) * mesh.shape[ax]):
+                continue
+            keep.append(ax)
+        return tuple(keep)
+
+    if rules:
+        b_axes = pick(_axes_tuple(rules.get("batch")), batch, ())
+        h_axes = pick(_axes_tuple(rules.get("heads")), heads, b_axes)
+    else:
+        b_axes, h_axes = pick(tuple(mesh.axis_names), batch, ()), ()
+    if not b_axes and not h_axes:
+        return None
+    return mesh, b_axes, h_axes
+
+
+def _entry(axes: tuple[str, ...]) -> Any:
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def kernel_spec(layout: str, batch: int, heads: int) -> P | None:
+    """PartitionSpec the Pallas kernels use for an array laid out as ``layout`` (letters
+    ``B`` batch, ``H`` heads, anything else unsplit, e.g. ``"BLHD"``, ``"NBLHD"``), or
+    None outside a multi-device context mesh."""
+    split = kernel_mesh_axes(batch, heads)
+    if split is None:
+        return None
+    _, b, h = split
+    return P(*[_entry(b) if c == "B" else _entry(h) if c == "H" else None for c in layout])
+
+
+def constrain_for_kernels(x: jax.Array, layout: str, batch: int, heads: int) -> jax.Array:
+    """Pin ``x`` (e.g. a KV cache) to the kernels' sharding so no call reshards it."""
+    spec = kernel_spec(layout, batch, heads)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+
+
+def _split_over_mesh(
+    fn: Callable[..., jax.Array], args: tuple, layouts: tuple[str, ...], batch: int, heads: int
+) -> jax.Array:
+    """``fn(*args)``, under ``shard_map`` when a multi-device mesh is in context; the
+    output is laid out ``BLHD``."""
+    split = kernel_mesh_axes(batch, heads)
+    if split is None:
+        return fn(*args)
+    mesh = split[0]
+    specs = tuple(kernel_spec(layout, batch, heads) for layout in layouts)
+    out = kernel_spec("BLHD", batch, heads)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)(*args)
+
+
 # Largest fp32 logits block the dense ``xla`` sampling path materialises at once.
 XLA_LOGITS_BUDGET_BYTES = 1 << 30
 
@@ -153,12 +240,19 @@ def attention(
         return jax.nn.dot_product_attention(
             q_BLqHD, k_BLkHD, v_BLkHD, mask=mask[:, None], scale=scale, implementation="cudnn"
         )
-    return pallas_level_attention(
-        q_BLqHD, k_BLkHD, v_BLkHD, q_levels, k_levels,
+    kw = dict(
         scale=scale,
         config=config,
         precision=_kernel_precision(precision),
         interpret=pallas_interpret() if interpret is None else interpret,
+    )
+    B, Lq, H, _ = q_BLqHD.shape
+    Lk = k_BLkHD.shape[1]
+    q_lev = _ref.levels_2d(q_levels, B, Lq, "q_levels")
+    k_lev = _ref.levels_2d(k_levels, B, Lk, "k_levels")
+    return _split_over_mesh(
+        lambda q, k, v, ql, kl: pallas_level_attention(q, k, v, ql, kl, **kw),
+        (q_BLqHD, k_BLkHD, v_BLkHD, q_lev, k_lev), ("BLHD", "BLHD", "BLHD", "BL", "BL"), B, H,
     )
 
 
@@ -196,14 +290,23 @@ def cache_attention(
     """
     chosen = resolve_impl(impl)
     if chosen == "pallas":
-        return pallas_cache_attention(
-            q_BLqHD, k_cache, v_cache, valid_len,
+        kw = dict(
             scale=scale,
-            layer=layer,
             config=config,
             precision=_kernel_precision(precision),
             interpret=pallas_interpret() if interpret is None else interpret,
         )
+        B, _, H, _ = q_BLqHD.shape
+        n_B = _ref.valid_len_1d(valid_len, B)
+        cache_layout = "BLHD" if layer is None else "NBLHD"
+        args = (q_BLqHD, k_cache, v_cache, n_B)
+        layouts = ("BLHD", cache_layout, cache_layout, "B")
+        if layer is None:
+            run = lambda q, kc, vc, n: pallas_cache_attention(q, kc, vc, n, **kw)  # noqa: E731
+        else:
+            args, layouts = args + (jnp.asarray(layer),), layouts + ("",)
+            run = lambda q, kc, vc, n, li: pallas_cache_attention(q, kc, vc, n, layer=li, **kw)  # noqa: E731
+        return _split_over_mesh(run, args, layouts, B, H)
     lm_axis = 1 if layer is None else 2
     static_len = isinstance(valid_len, int) and 0 < valid_len < k_cache.shape[lm_axis]
     if layer is not None:

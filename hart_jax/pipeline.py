@@ -191,7 +191,8 @@ class HARTPipeline:
                 context = hidden[:, -n_ctx:].astype(jnp.float32)
                 return sample(t2i_vars, tok_vars, context, mask, pos, keys, guidance, None)
 
-        self._programs[key] = jax.jit(fn)
+        jitted = jax.jit(fn)
+        self._programs[key] = jitted if self.mesh is None else _InMesh(jitted, self.mesh)
         return self._programs[key]
 
     # ------------------------------------------------------------- generation
@@ -291,6 +292,26 @@ class HARTPipeline:
                 callback(start, imgs)
             out.append(imgs)
         return np.concatenate(out, 0)
+
+
+class _InMesh:
+    """A jitted program traced, lowered and run with ``mesh`` as the context mesh, so the
+    attention kernels split the batch over it (``hart_jax.attention.kernel_mesh_axes``)."""
+
+    def __init__(self, jitted: Any, mesh: jax.sharding.Mesh) -> None:
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def trace(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted.trace(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
 
 
 def write_pipeline_marker(root: Path, sources: dict[str, str]) -> None:

@@ -25,6 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from hart_jax.attention import constrain_for_kernels
 from hart_jax.kernels.cache_attention import padded_cache_length
 from hart_jax.models.autoencoder import HARTAutoEncoder
 from hart_jax.models.transformer import HARTTransformer
@@ -212,10 +213,12 @@ def sample_images(
     cond, sos = apply(HARTTransformer.condition, ctx2)
     lvl = apply(HARTTransformer.level_embedding)
     cache_shape = (2 * b, padded_cache_length(cfg.seq_len), cfg.num_heads, cfg.head_dim)
+    # under a context mesh: rows (and heads) split the way the attention kernels read them
+    pin = lambda x, layout: constrain_for_kernels(x, layout, 2 * b, cfg.num_heads)  # noqa: E731
     if scfg.scan_layers:
-        caches = (jnp.zeros((cfg.depth,) + cache_shape, t2i.dtype),) * 2
+        caches = (pin(jnp.zeros((cfg.depth,) + cache_shape, t2i.dtype), "NBLHD"),) * 2
     else:
-        caches = [(jnp.zeros(cache_shape, t2i.dtype),) * 2 for _ in range(cfg.depth)]
+        caches = [(pin(jnp.zeros(cache_shape, t2i.dtype), "BLHD"),) * 2 for _ in range(cfg.depth)]
     f_hat = jnp.zeros((b, pn[-1], pn[-1], cfg.z_channels), jnp.float32)
     x = sos + lvl[0]
     keys_B2 = row_keys(keys, b)

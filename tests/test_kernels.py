@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -412,6 +413,99 @@ def test_dispatcher_rejects_bad_inputs():
         cache_attention(q, q, q, jnp.zeros(3, jnp.int32), scale=0.1, interpret=True)
     with pytest.raises(ValueError, match="power of two"):
         LevelAttentionConfig(block_q=48)
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def _train_rules():
+    from hart_jax.train.sharding import DEFAULT_RULES
+
+    return [(k, tuple(v) if isinstance(v, list) else v) for k, v in DEFAULT_RULES]
+
+
+def test_pallas_kernels_split_over_the_context_mesh():
+    """Under a context mesh the kernels run per device under shard_map (XLA cannot partition a
+    Triton call); the result equals the unsharded reference. Training: the Flax rules split rows
+    over data x fsdp and heads over tensor; sampling (no rules): rows over every mesh axis that
+    divides them."""
+    import flax.linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from hart_jax.train.sharding import make_mesh
+
+    assert len(jax.devices()) == 8
+    mesh = make_mesh(2, 2, 2)
+    lev = hart_levels(6, (1, 2, 3, 4))
+    B, L, H, D = 4, len(lev), 4, 16
+    ks = jax.random.split(jax.random.PRNGKey(11), 4)
+    q, k, v, do = (rand(kk, (B, L, H, D), jnp.float32) for kk in ks)
+    sh = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+    qs, ks_, vs = (jax.device_put(x, sh) for x in (q, k, v))
+    f = lambda q, k, v: attn.attention(q, k, v, q_levels=lev, k_levels=lev, scale=0.0625, impl="pallas")  # noqa: E731
+    fb = jax.jit(lambda q, k, v: jax.vjp(f, q, k, v)[1](do))
+    ref = lambda q, k, v: level_attention_reference(q, k, v, lev, lev, 0.0625)  # noqa: E731
+    NL, Lm = 3, 128
+    k_all, v_all = rand(ks[0], (NL, B, Lm, H, D), jnp.float32), rand(ks[1], (NL, B, Lm, H, D), jnp.float32)
+    n = jnp.array([5, 40, 128, 77], jnp.int32)
+    cf = jax.jit(lambda q, ka, va, layer: attn.cache_attention(
+        q, ka, va, valid_len=n, scale=0.1, layer=layer, impl="pallas"))
+    attn.set_pallas_interpret(True)
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(_train_rules()):
+            assert attn.kernel_mesh_axes(B, H)[1:] == (("data", "fsdp"), ("tensor",))
+            assert "shard_map" in str(jax.make_jaxpr(f)(qs, ks_, vs))
+            out, grads = jax.jit(f)(qs, ks_, vs), fb(qs, ks_, vs)
+        with jax.set_mesh(mesh):
+            assert attn.kernel_mesh_axes(B, H)[1:] == (("data", "fsdp"), ())  # 8 does not divide 4 rows
+            assert attn.kernel_spec("NBLHD", B, H) == P(None, ("data", "fsdp"), None, None, None)
+            got_c = cf(q[:, :9], k_all, v_all, jnp.int32(1))
+    finally:
+        attn.set_pallas_interpret(False)
+    assert attn.kernel_mesh_axes(B, H) is None  # no context mesh: the kernels run as they are
+    assert out.sharding.spec == P(("data", "fsdp"), None, "tensor", None)
+    assert_tree_close([out], [ref(q, k, v)], 1e-5, ["fwd"])
+    assert_tree_close(list(grads), list(jax.vjp(ref, q, k, v)[1](do)), 1e-5, ["dq", "dk", "dv"])
+    want_c = cache_attention_reference(q[:, :9], k_all[1], v_all[1], n, 0.1)
+    assert_tree_close([got_c], [want_c], 1e-5, ["stacked cache"])
+
+
+def test_sharded_kernels_lower_for_cuda_on_each_devices_rows_and_heads():
+    """The 0.7B training shape on an abstract 2 x 2 x 2 mesh of H100s: forward and both backward
+    Triton calls see [8 / 4 rows, L, 24 / 2 heads, 64], not the global arrays; the sampler's
+    stacked-cache call sees its rows of the stack."""
+    import flax.linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), abstract_device=dev)
+    lev = hart_levels(300, (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64))
+    x = jax.ShapeDtypeStruct(
+        (8, 9750, 24, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+    )
+    f = lambda q, k, v: attn.attention(q, k, v, q_levels=lev, k_levels=lev, scale=0.03, impl="pallas")  # noqa: E731
+    g = lambda q, k, v: jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)  # noqa: E731
+
+    def triton_operands(text):
+        calls = [line for line in text.splitlines() if TRITON_CALL in line]
+        return [set(re.findall(r"tensor<(\d+)x\d+x(\d+)x64xbf16>", c)) for c in calls]
+
+    with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(_train_rules()):
+        fwd = jax.jit(f).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+        bwd = jax.jit(g).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert triton_operands(fwd) == [{("2", "12")}]
+    assert triton_operands(bwd) == [{("2", "12")}] * 3
+
+    q = jax.ShapeDtypeStruct((8, 4096, 24, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P(("data", "fsdp", "tensor"))))
+    stack = jax.ShapeDtypeStruct((24, 8, 9856, 24, 64), jnp.bfloat16,
+                                 sharding=NamedSharding(mesh, P(None, ("data", "fsdp", "tensor"))))
+    n = jax.ShapeDtypeStruct((8,), jnp.int32)
+    c = lambda q, ka, va, n, layer: attn.cache_attention(  # noqa: E731
+        q, ka, va, valid_len=n, scale=0.03, layer=layer, impl="pallas")
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(c).trace(q, stack, stack, n, jnp.int32(3)).lower(lowering_platforms=("cuda",)).as_text()
+    call = next(line for line in text.splitlines() if TRITON_CALL in line)
+    assert "tensor<24x1x9856x24x64xbf16>" in call and "tensor<1x4096x24x64xbf16>" in call, call
 
 
 # ----------------------------------------------------------------------------- benchmark

@@ -110,17 +110,35 @@ def test_images_per_prompt_and_guidance_one(pipe):
     assert_close(out[1:2], pipe([PROMPTS[0]], seed=4, guidance_scale=1.0, output="float"), "image 1")
 
 
-@pytest.mark.parametrize("shard_params", [False, True], ids=["replicated-params", "sharded-params"])
-def test_sharded_batch_matches_one_device(pipe_dir, pipe, shard_params):
+@pytest.mark.parametrize(
+    "shard_params,impl", [(False, "auto"), (True, "auto"), (True, "pallas")],
+    ids=["replicated-params", "sharded-params", "sharded-params-pallas"],
+)
+def test_sharded_batch_matches_one_device(pipe_dir, pipe, shard_params, impl, monkeypatch):
+    """8 devices, each on its rows; with pallas the cache kernel (interpreted) runs under
+    shard_map on each device's rows of the stacked caches."""
+    import hart_jax.attention as A
+    from hart_jax.attention import set_pallas_interpret
+
+    splits = []
+    real = A.kernel_mesh_axes
+    monkeypatch.setattr(A, "kernel_mesh_axes", lambda b, h: splits.append(real(b, h)) or splits[-1])
+
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharded = HARTPipeline.from_converted(pipe_dir, mesh=mesh, shard_params=shard_params)
+    sharded = HARTPipeline.from_converted(pipe_dir, mesh=mesh, shard_params=shard_params, attention_impl=impl)
     if shard_params:
         kernel = sharded.t2i_vars["params"]["head"]["kernel"]  # [64, 640]: split over the 640 axis
         assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "data")
         assert kernel.addressable_shards[0].data.shape == (64, 80)
     prompts = PROMPTS * 3  # 9 images -> batch padded to 16 over 8 devices
-    assert_close(sharded(prompts, seed=2, batch_size=8, output="float"),
-                 pipe(prompts, seed=2, batch_size=8, output="float"), "sharded")
+    set_pallas_interpret(impl == "pallas")
+    try:
+        got = sharded(prompts, seed=2, batch_size=8, output="float")
+    finally:
+        set_pallas_interpret(False)
+    assert_close(got, pipe(prompts, seed=2, batch_size=8, output="float"), "sharded")
+    if impl == "pallas":  # traced inside the pipeline's mesh: every kernel call split 8 ways by rows
+        assert splits and all(s is not None and s[1:] == (("data",), ()) for s in splits), splits[:3]
 
 
 def test_pipeline_bad_inputs(pipe, pipe_dir, tmp_path):

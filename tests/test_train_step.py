@@ -56,11 +56,25 @@ def single():
     return run_steps(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh_kw", [dict(data=2, fsdp=4, tensor=1), dict(data=2, fsdp=2, tensor=2)], ids=["dp2xfsdp4", "dp2xfsdp2xtp2"])
-def test_sharded_step_matches_single_device(single, mesh_kw):
+@pytest.mark.parametrize(
+    "mesh_kw,impl",
+    [(dict(data=2, fsdp=4, tensor=1), "auto"), (dict(data=2, fsdp=2, tensor=2), "auto"),
+     (dict(data=2, fsdp=2, tensor=2), "pallas")],
+    ids=["dp2xfsdp4", "dp2xfsdp2xtp2", "dp2xfsdp2xtp2-pallas"],
+)
+def test_sharded_step_matches_single_device(single, mesh_kw, impl):
+    """Against the single-device run (xla attention on CPU); the pallas case runs the fused
+    kernels (interpreted) under shard_map, each device on its rows and heads."""
+    from hart_jax.attention import set_pallas_interpret
+
     assert len(jax.devices()) == 8
     _, ref_state, ref_hist, _ = single
-    comp, state, hist, shardings = run_steps(mesh_kw, jax.devices())
+    set_pallas_interpret(impl == "pallas")
+    try:
+        comp, state, hist, shardings = run_steps(mesh_kw, jax.devices(), model__attention_impl=impl)
+    finally:
+        set_pallas_interpret(False)
+    assert comp.tcfg.attention_impl == impl
     # the mesh really shards: FSDP splits the big kernels, TP the MLP
     spec = shardings.params["blocks_0"]["ffn"]["gate_proj"]["kernel"].spec
     assert spec[0] == "fsdp" and (mesh_kw["tensor"] == 1 or spec[1] == "tensor"), spec
