@@ -24,7 +24,6 @@ Dimensions: B batch, Lq / Lk query / key lengths, Lm cache length, H heads, D he
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any, Callable
 
@@ -39,6 +38,7 @@ from hart_jax.kernels.cache_attention import CacheAttentionConfig, stacked_layer
 from hart_jax.kernels.cache_attention import cache_attention as pallas_cache_attention
 from hart_jax.kernels.level_attention import LevelAttentionConfig, check_qkv
 from hart_jax.kernels.level_attention import level_attention as pallas_level_attention
+from hart_jax.mesh_axes import axes_tuple, dividing_axes
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +105,17 @@ def _kernel_precision(precision: lax.PrecisionLike) -> lax.Precision:
     return lax.Precision.DEFAULT
 
 
+def _pallas_kwargs(scale: float, config: Any, precision: lax.PrecisionLike, interpret: bool | None) -> dict:
+    """Keyword arguments of the Pallas kernels (precision and interpret defaults resolved)."""
+    return dict(
+        scale=scale,
+        config=config,
+        precision=_kernel_precision(precision),
+        interpret=pallas_interpret() if interpret is None else interpret,
+    )
+
+
 # ----------------------------------------------------------------------------- sharding
-
-
-def _axes_tuple(rule: Any) -> tuple[str, ...]:
-    if rule is None:
-        return ()
-    return (rule,) if isinstance(rule, str) else tuple(rule)
 
 
 def kernel_mesh_axes(batch: int, heads: int) -> tuple[Any, tuple[str, ...], tuple[str, ...]] | None:
@@ -123,28 +127,17 @@ def kernel_mesh_axes(batch: int, heads: int) -> tuple[Any, tuple[str, ...], tupl
     each device on its own rows and heads. The axes come from the Flax logical rules
     in context (``batch``, ``heads``, as in training); without rules the batch is
     split over every mesh axis (the sampler's data parallelism). An axis that does not
-    divide its dimension is left out, as in ``hart_jax.train.sharding.spec_for``.
+    divide its dimension is left out (``hart_jax.mesh_axes.dividing_axes``).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or mesh.size == 1:
         return None
     rules = dict(nn.get_logical_axis_rules())
-
-    def pick(names: tuple[str, ...], dim: int, used: tuple[str, ...]) -> tuple[str, ...]:
-        keep: list[str] = []
-        for ax in names:
-            if ax in used or ax in keep or ax not in mesh.shape or mesh.shape[ax] == 1:
-                continue
-            if dim % (math.prod(mesh.shape[a] for a in keep) * mesh.shape[ax]):
-                continue
-            keep.append(ax)
-        return tuple(keep)
-
     if rules:
-        b_axes = pick(_axes_tuple(rules.get("batch")), batch, ())
-        h_axes = pick(_axes_tuple(rules.get("heads")), heads, b_axes)
+        b_axes = dividing_axes(axes_tuple(rules.get("batch")), batch, mesh.shape)
+        h_axes = dividing_axes(axes_tuple(rules.get("heads")), heads, mesh.shape, used=b_axes)
     else:
-        b_axes, h_axes = pick(tuple(mesh.axis_names), batch, ()), ()
+        b_axes, h_axes = dividing_axes(mesh.axis_names, batch, mesh.shape), ()
     if not b_axes and not h_axes:
         return None
     return mesh, b_axes, h_axes
@@ -240,12 +233,7 @@ def attention(
         return jax.nn.dot_product_attention(
             q_BLqHD, k_BLkHD, v_BLkHD, mask=mask[:, None], scale=scale, implementation="cudnn"
         )
-    kw = dict(
-        scale=scale,
-        config=config,
-        precision=_kernel_precision(precision),
-        interpret=pallas_interpret() if interpret is None else interpret,
-    )
+    kw = _pallas_kwargs(scale, config, precision, interpret)
     B, Lq, H, _ = q_BLqHD.shape
     Lk = k_BLkHD.shape[1]
     q_lev = _ref.levels_2d(q_levels, B, Lq, "q_levels")
@@ -290,12 +278,7 @@ def cache_attention(
     """
     chosen = resolve_impl(impl)
     if chosen == "pallas":
-        kw = dict(
-            scale=scale,
-            config=config,
-            precision=_kernel_precision(precision),
-            interpret=pallas_interpret() if interpret is None else interpret,
-        )
+        kw = _pallas_kwargs(scale, config, precision, interpret)
         B, _, H, _ = q_BLqHD.shape
         n_B = _ref.valid_len_1d(valid_len, B)
         cache_layout = "BLHD" if layer is None else "NBLHD"

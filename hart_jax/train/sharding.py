@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hart_jax.mesh_axes import axes_tuple, dividing_axes
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # (regex on "a/b/c" parameter path, logical axes); first match wins.
@@ -104,12 +106,6 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     return (None,) * ndim
 
 
-def _mesh_axes(rule: Any) -> tuple[str, ...]:
-    if rule is None:
-        return ()
-    return (rule,) if isinstance(rule, str) else tuple(rule)
-
-
 def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> P:
     """PartitionSpec of one array: logical names through ``rules``; each mesh axis used
     once; a mesh axis that does not divide its dimension is dropped."""
@@ -117,13 +113,8 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules
     used: set[str] = set()
     out = []
     for name, dim in zip(axes, shape):
-        keep = []
-        for ax in _mesh_axes(table.get(name)) if name is not None else ():
-            if ax in used or ax not in mesh.shape or mesh.shape[ax] == 1:
-                continue
-            if dim % (math.prod(mesh.shape[a] for a in keep) * mesh.shape[ax]):
-                continue
-            keep.append(ax)
+        names = axes_tuple(table.get(name)) if name is not None else ()
+        keep = dividing_axes(names, dim, mesh.shape, used)
         used.update(keep)
         out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
     while out and out[-1] is None:
@@ -143,14 +134,14 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> A
 
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int = 1) -> NamedSharding:
     """Leading (batch) axis over the ``batch`` rule's mesh axes, the rest replicated."""
-    axes = tuple(a for a in _mesh_axes(dict(rules).get("batch")) if a in mesh.shape and mesh.shape[a] > 1)
+    axes = tuple(a for a in axes_tuple(dict(rules).get("batch")) if a in mesh.shape and mesh.shape[a] > 1)
     lead = None if not axes else axes[0] if len(axes) == 1 else axes
     return NamedSharding(mesh, P(lead) if lead is not None else P())
 
 
 def batch_divisor(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> int:
     """How many ways the batch axis is split on ``mesh``."""
-    return math.prod(mesh.shape[a] for a in _mesh_axes(dict(rules).get("batch")) if a in mesh.shape)
+    return math.prod(mesh.shape[a] for a in axes_tuple(dict(rules).get("batch")) if a in mesh.shape)
 
 
 def per_device_bytes(tree: Any, shardings: Any) -> int:
