@@ -34,11 +34,11 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from hart_jax.kernels import reference as _ref
-from hart_jax.kernels.cache_attention import CacheAttentionConfig, stacked_layer_index
+from hart_jax.kernels.cache_attention import CacheAttentionConfig, check_cache_inputs
 from hart_jax.kernels.cache_attention import cache_attention as pallas_cache_attention
 from hart_jax.kernels.level_attention import LevelAttentionConfig, check_qkv
 from hart_jax.kernels.level_attention import level_attention as pallas_level_attention
-from hart_jax.mesh_axes import axes_tuple, dividing_axes
+from hart_jax.mesh_axes import axes_tuple, dividing_axes, spec_entry
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +143,9 @@ def kernel_mesh_axes(batch: int, heads: int) -> tuple[Any, tuple[str, ...], tupl
     return mesh, b_axes, h_axes
 
 
-def _entry(axes: tuple[str, ...]) -> Any:
-    return None if not axes else axes[0] if len(axes) == 1 else axes
+def _spec(split: tuple[Any, tuple[str, ...], tuple[str, ...]], layout: str) -> P:
+    _, b, h = split
+    return P(*[spec_entry(b) if c == "B" else spec_entry(h) if c == "H" else None for c in layout])
 
 
 def kernel_spec(layout: str, batch: int, heads: int) -> P | None:
@@ -152,10 +153,7 @@ def kernel_spec(layout: str, batch: int, heads: int) -> P | None:
     ``B`` batch, ``H`` heads, anything else unsplit, e.g. ``"BLHD"``, ``"NBLHD"``), or
     None outside a multi-device context mesh."""
     split = kernel_mesh_axes(batch, heads)
-    if split is None:
-        return None
-    _, b, h = split
-    return P(*[_entry(b) if c == "B" else _entry(h) if c == "H" else None for c in layout])
+    return None if split is None else _spec(split, layout)
 
 
 def constrain_for_kernels(x: jax.Array, layout: str, batch: int, heads: int) -> jax.Array:
@@ -172,10 +170,10 @@ def _split_over_mesh(
     split = kernel_mesh_axes(batch, heads)
     if split is None:
         return fn(*args)
-    mesh = split[0]
-    specs = tuple(kernel_spec(layout, batch, heads) for layout in layouts)
-    out = kernel_spec("BLHD", batch, heads)
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)(*args)
+    specs = tuple(_spec(split, layout) for layout in layouts)
+    return jax.shard_map(
+        fn, mesh=split[0], in_specs=specs, out_specs=_spec(split, "BLHD"), check_vma=False
+    )(*args)
 
 
 # Largest fp32 logits block the dense ``xla`` sampling path materialises at once.
@@ -216,28 +214,23 @@ def attention(
     Returns ``[B, Lq, H, D]`` in the input dtype.
     """
     chosen = resolve_impl(impl)
-    if chosen == "xla":
-        check_qkv(q_BLqHD, k_BLkHD, v_BLkHD)
-        return _ref.level_attention_reference(
-            q_BLqHD, k_BLkHD, v_BLkHD, q_levels, k_levels, scale,
-            matmul_dtype=q_BLqHD.dtype, precision=precision,
-        )
-    if chosen == "cudnn":
-        check_qkv(q_BLqHD, k_BLkHD, v_BLkHD)
-        _cudnn_check(q_BLqHD)
-        B, Lq = q_BLqHD.shape[:2]
-        Lk = k_BLkHD.shape[1]
-        mask = _ref.level_mask(
-            _ref.levels_2d(q_levels, B, Lq, "q_levels"), _ref.levels_2d(k_levels, B, Lk, "k_levels")
-        )
-        return jax.nn.dot_product_attention(
-            q_BLqHD, k_BLkHD, v_BLkHD, mask=mask[:, None], scale=scale, implementation="cudnn"
-        )
-    kw = _pallas_kwargs(scale, config, precision, interpret)
+    check_qkv(q_BLqHD, k_BLkHD, v_BLkHD)
     B, Lq, H, _ = q_BLqHD.shape
     Lk = k_BLkHD.shape[1]
     q_lev = _ref.levels_2d(q_levels, B, Lq, "q_levels")
     k_lev = _ref.levels_2d(k_levels, B, Lk, "k_levels")
+    if chosen == "xla":
+        return _ref.level_attention_reference(
+            q_BLqHD, k_BLkHD, v_BLkHD, q_lev, k_lev, scale,
+            matmul_dtype=q_BLqHD.dtype, precision=precision,
+        )
+    if chosen == "cudnn":
+        _cudnn_check(q_BLqHD)
+        mask = _ref.level_mask(q_lev, k_lev)
+        return jax.nn.dot_product_attention(
+            q_BLqHD, k_BLkHD, v_BLkHD, mask=mask[:, None], scale=scale, implementation="cudnn"
+        )
+    kw = _pallas_kwargs(scale, config, precision, interpret)
     return _split_over_mesh(
         lambda q, k, v, ql, kl: pallas_level_attention(q, k, v, ql, kl, **kw),
         (q_BLqHD, k_BLkHD, v_BLkHD, q_lev, k_lev), ("BLHD", "BLHD", "BLHD", "BL", "BL"), B, H,
@@ -245,10 +238,9 @@ def attention(
 
 
 def _layer_caches(
-    k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | int, n: int
+    k_cache: jax.Array, v_cache: jax.Array, layer_1: jax.Array, n: int
 ) -> tuple[jax.Array, jax.Array]:
-    """The first ``n`` entries of block ``layer``'s caches, from the stacked ``[NL, B, Lm, H, D]``."""
-    layer_1 = stacked_layer_index(k_cache, v_cache, layer)
+    """The first ``n`` entries of block ``layer_1[0]``'s caches, from the stacked ``[NL, B, Lm, H, D]``."""
     _, b, _, h, d = k_cache.shape
     start = (layer_1[0], 0, 0, 0, 0)
     return tuple(jax.lax.dynamic_slice(c, start, (1, b, n, h, d))[0] for c in (k_cache, v_cache))
@@ -277,9 +269,10 @@ def cache_attention(
     input dtype.
     """
     chosen = resolve_impl(impl)
+    layer_1 = check_cache_inputs(q_BLqHD, k_cache, v_cache, layer)
+    B, Lq, H, D = q_BLqHD.shape
     if chosen == "pallas":
         kw = _pallas_kwargs(scale, config, precision, interpret)
-        B, _, H, _ = q_BLqHD.shape
         n_B = _ref.valid_len_1d(valid_len, B)
         cache_layout = "BLHD" if layer is None else "NBLHD"
         args = (q_BLqHD, k_cache, v_cache, n_B)
@@ -287,33 +280,30 @@ def cache_attention(
         if layer is None:
             run = lambda q, kc, vc, n: pallas_cache_attention(q, kc, vc, n, **kw)  # noqa: E731
         else:
-            args, layouts = args + (jnp.asarray(layer),), layouts + ("",)
+            args, layouts = args + (layer_1[0],), layouts + ("",)
             run = lambda q, kc, vc, n, li: pallas_cache_attention(q, kc, vc, n, layer=li, **kw)  # noqa: E731
         return _split_over_mesh(run, args, layouts, B, H)
     lm_axis = 1 if layer is None else 2
     static_len = isinstance(valid_len, int) and 0 < valid_len < k_cache.shape[lm_axis]
     if layer is not None:
         n = valid_len if chosen == "xla" and static_len else k_cache.shape[lm_axis]
-        k_cache, v_cache = _layer_caches(k_cache, v_cache, layer, n)
+        k_cache, v_cache = _layer_caches(k_cache, v_cache, layer_1, n)
     elif chosen == "xla" and static_len:
         k_cache, v_cache = k_cache[:, :valid_len], v_cache[:, :valid_len]
-    check_qkv(q_BLqHD, k_cache, v_cache, k_name="k_cache")
     if chosen == "xla":
         run = lambda q: _ref.cache_attention_reference(
             q, k_cache, v_cache, valid_len, scale,
             matmul_dtype=q_BLqHD.dtype, precision=precision,
         )
         chunk = _query_chunk(q_BLqHD.shape, k_cache.shape[1])
-        if chunk == q_BLqHD.shape[1]:
+        if chunk == Lq:
             return run(q_BLqHD)
         # bound the [B, H, Lq, Lk] logits: queries in chunks (rows are independent)
-        B, Lq, H, D = q_BLqHD.shape
         q_chunks = q_BLqHD.reshape(B, Lq // chunk, chunk, H, D).transpose(1, 0, 2, 3, 4)
         out = jax.lax.map(run, q_chunks)
         return out.transpose(1, 0, 2, 3, 4).reshape(B, Lq, H, D)
     _cudnn_check(q_BLqHD)
-    B, Lm = k_cache.shape[:2]
-    n_B = jnp.clip(_ref.valid_len_1d(valid_len, B), 0, Lm)
+    n_B = jnp.clip(_ref.valid_len_1d(valid_len, B), 0, k_cache.shape[1])
     return jax.nn.dot_product_attention(
         q_BLqHD, k_cache, v_cache, scale=scale,
         key_value_seq_lengths=n_B, implementation="cudnn",

@@ -31,3 +31,8 @@ def dividing_axes(
             continue
         keep.append(ax)
     return tuple(keep)
+
+
+def spec_entry(axes: tuple[str, ...]) -> Any:
+    """One ``PartitionSpec`` entry for a dimension split over ``axes`` (None, an axis, or a tuple)."""
+    return None if not axes else axes[0] if len(axes) == 1 else axes

@@ -33,6 +33,8 @@ from hart_jax.kernels.level_attention import (
     q_lower_bounds,
 )
 from hart_jax.kernels.reference import cache_attention_reference, level_attention_reference, level_mask
+from hart_jax.models.transformer import T2IConfig
+from hart_jax.train.sharding import DEFAULT_RULES
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 # Small tiles so the short test sequences span several blocks in every kernel.
@@ -41,15 +43,9 @@ TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
 def hart_levels(context_tokens: int, patch_nums, last_kept: int | None = None) -> np.ndarray:
-    """Training level ids: text 0, scale s (s >= 1) has pn_s**2 tokens of level s; the last
-    scale keeps ``last_kept`` tokens (they keep their level)."""
-    parts = [np.zeros(context_tokens, np.int32)]
-    for s, pn in enumerate(patch_nums):
-        if s == 0:
-            continue
-        n = pn * pn if (s < len(patch_nums) - 1 or last_kept is None) else last_kept
-        parts.append(np.full(n, s, np.int32))
-    return np.concatenate(parts)
+    """Training level ids (``T2IConfig.level_ids``): text 0, scale s (s >= 1) has pn_s**2 tokens
+    of level s; the last scale keeps ``last_kept`` tokens (they keep their level)."""
+    return T2IConfig(context_token=context_tokens, patch_nums=tuple(patch_nums)).level_ids(last_kept)
 
 
 def fixture_layout(golden_dir):
@@ -411,17 +407,19 @@ def test_dispatcher_rejects_bad_inputs():
         level_attention(q, q.astype(jnp.bfloat16), q, lev, lev, scale=0.1, interpret=True)
     with pytest.raises(ValueError, match="valid_len must be a scalar"):
         cache_attention(q, q, q, jnp.zeros(3, jnp.int32), scale=0.1, interpret=True)
+    # every implementation checks shapes before using them, through the dispatcher too
+    for impl in attn.IMPLS:
+        with pytest.raises(ValueError, match=r"must be \[B, L, H, D\]"):
+            attn.attention(q[0], q[0], q[0], q_levels=lev, k_levels=lev, scale=0.1, impl=impl)
+        with pytest.raises(ValueError, match=r"must be \[B, L, H, D\]"):
+            attn.cache_attention(q[0], q, q, valid_len=3, scale=0.1, impl=impl)
+        with pytest.raises(ValueError, match="must be stacked"):
+            attn.cache_attention(q, q, q, valid_len=3, scale=0.1, layer=0, impl=impl)
     with pytest.raises(ValueError, match="power of two"):
         LevelAttentionConfig(block_q=48)
 
 
 # ----------------------------------------------------------------------------- sharding
-
-
-def _train_rules():
-    from hart_jax.train.sharding import DEFAULT_RULES
-
-    return [(k, tuple(v) if isinstance(v, list) else v) for k, v in DEFAULT_RULES]
 
 
 def test_pallas_kernels_split_over_the_context_mesh():
@@ -452,7 +450,7 @@ def test_pallas_kernels_split_over_the_context_mesh():
         q, ka, va, valid_len=n, scale=0.1, layer=layer, impl="pallas"))
     attn.set_pallas_interpret(True)
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(_train_rules()):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
             assert attn.kernel_mesh_axes(B, H)[1:] == (("data", "fsdp"), ("tensor",))
             assert "shard_map" in str(jax.make_jaxpr(f)(qs, ks_, vs))
             out, grads = jax.jit(f)(qs, ks_, vs), fb(qs, ks_, vs)
@@ -490,7 +488,7 @@ def test_sharded_kernels_lower_for_cuda_on_each_devices_rows_and_heads():
         calls = [line for line in text.splitlines() if TRITON_CALL in line]
         return [set(re.findall(r"tensor<(\d+)x\d+x(\d+)x64xbf16>", c)) for c in calls]
 
-    with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(_train_rules()):
+    with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         fwd = jax.jit(f).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
         bwd = jax.jit(g).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
     assert triton_operands(fwd) == [{("2", "12")}]

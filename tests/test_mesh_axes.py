@@ -29,7 +29,7 @@ def test_dividing_axes_keeps_the_axes_that_split_evenly_in_order():
 def test_spec_for_uses_each_mesh_axis_once_and_drops_what_does_not_divide():
     assert len(jax.devices()) == 8
     mesh = make_mesh(2, 2, 2)
-    rules = [(k, tuple(v) if isinstance(v, list) else v) for k, v in DEFAULT_RULES]
+    rules = DEFAULT_RULES
     assert spec_for(("embed", "mlp"), (64, 256), mesh, rules) == P("fsdp", "tensor")
     assert spec_for(("embed", "mlp"), (63, 256), mesh, rules) == P(None, "tensor")
     assert spec_for(("batch", "length", "act_embed"), (8, 71, 64), mesh, rules) == P(("data", "fsdp"))

@@ -169,6 +169,20 @@ def stacked_layer_index(k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array
     return jnp.clip(layer.astype(jnp.int32), 0, k_cache.shape[0] - 1)[None]
 
 
+def check_cache_inputs(
+    q_BLqHD: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | int | None
+) -> jax.Array | None:
+    """Shape / dtype checks of ``cache_attention``'s inputs (clear ValueErrors); with
+    ``layer``, the checked block index as int32 ``[1]`` (see ``stacked_layer_index``)."""
+    if layer is None:
+        check_qkv(q_BLqHD, k_cache, v_cache, k_name="k_cache")
+        return None
+    layer_1 = stacked_layer_index(k_cache, v_cache, layer)
+    one_layer = jax.ShapeDtypeStruct(k_cache.shape[1:], k_cache.dtype)
+    check_qkv(q_BLqHD, one_layer, one_layer, k_name="k_cache")
+    return layer_1
+
+
 def cache_attention(
     q_BLqHD: jax.Array,
     k_cache: jax.Array,
@@ -198,15 +212,8 @@ def cache_attention(
     Returns:
       ``[B, Lq, H, D]`` in the input dtype.
     """
-    layer_1 = None
-    if layer is not None:
-        layer_1 = stacked_layer_index(k_cache, v_cache, layer)
-        one_layer = jax.ShapeDtypeStruct(k_cache.shape[1:], k_cache.dtype)
-        check_qkv(q_BLqHD, one_layer, one_layer, k_name="k_cache")
-        Lm_axis = 2
-    else:
-        check_qkv(q_BLqHD, k_cache, v_cache, k_name="k_cache")
-        Lm_axis = 1
+    layer_1 = check_cache_inputs(q_BLqHD, k_cache, v_cache, layer)
+    Lm_axis = 1 if layer_1 is None else 2
     cfg = config or CacheAttentionConfig()
     B, Lq, H, D = q_BLqHD.shape
     Lm = k_cache.shape[Lm_axis]

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hart_jax.mesh_axes import axes_tuple, dividing_axes
+from hart_jax.mesh_axes import axes_tuple, dividing_axes, spec_entry
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -116,7 +116,7 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules
         names = axes_tuple(table.get(name)) if name is not None else ()
         keep = dividing_axes(names, dim, mesh.shape, used)
         used.update(keep)
-        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+        out.append(spec_entry(keep))
     while out and out[-1] is None:
         out.pop()
     return P(*out)
@@ -135,7 +135,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> A
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int = 1) -> NamedSharding:
     """Leading (batch) axis over the ``batch`` rule's mesh axes, the rest replicated."""
     axes = tuple(a for a in axes_tuple(dict(rules).get("batch")) if a in mesh.shape and mesh.shape[a] > 1)
-    lead = None if not axes else axes[0] if len(axes) == 1 else axes
+    lead = spec_entry(axes)
     return NamedSharding(mesh, P(lead) if lead is not None else P())
 
 
