@@ -41,30 +41,17 @@ import numpy as np  # noqa: E402
 from hart_jax import attention as attn  # noqa: E402
 from hart_jax.kernels.cache_attention import CacheAttentionConfig, padded_cache_length  # noqa: E402
 from hart_jax.kernels.level_attention import LevelAttentionConfig  # noqa: E402
+from hart_jax.models.transformer import T2IConfig  # noqa: E402
 
-# hart-0.7b-1024px: 300 text tokens, 14 scales, 24 heads of 64; SMOKE: the fixture model's layout
-FULL = dict(
-    context_tokens=300, patch_nums=(1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64), heads=24, head_dim=64,
-    depth=24,
-)
-SMOKE = dict(context_tokens=6, patch_nums=(1, 2, 3, 4, 6), heads=2, head_dim=16, depth=2)
-
-
-def level_ids(context_tokens: int, patch_nums: Sequence[int]) -> np.ndarray:
-    """Training level ids: text = 0, then ``pn_s**2`` tokens of level s for s >= 1."""
-    parts = [np.zeros(context_tokens, np.int32)]
-    parts += [np.full(pn * pn, s, np.int32) for s, pn in enumerate(patch_nums) if s >= 1]
-    return np.concatenate(parts)
+# hart-0.7b-1024px (T2IConfig's defaults): 300 text tokens, 14 scales, 24 blocks of 24 heads x 64;
+# SMOKE: the fixture model's layout with 2 heads of 16
+FULL = T2IConfig()
+SMOKE = T2IConfig(context_token=6, patch_nums=(1, 2, 3, 4, 6), depth=2, embed_dim=32, num_heads=2)
 
 
-def stage_shapes(context_tokens: int, patch_nums: Sequence[int]) -> list[tuple[int, int, int]]:
+def stage_shapes(cfg: T2IConfig) -> list[tuple[int, int, int]]:
     """Sampling stages as ``(stage, queries, cache entries visible)``; stage 0 feeds the text."""
-    out, end = [], 0
-    for s, pn in enumerate(patch_nums):
-        n = context_tokens if s == 0 else pn * pn
-        end += n
-        out.append((s, n, end))
-    return out
+    return [(s, end - begin, end) for s, (begin, end) in enumerate(cfg.stage_slices())]
 
 
 def time_fn(fn: Callable, args: Sequence[Any], warmup: int, iters: int) -> float:
@@ -113,7 +100,7 @@ def cache_config(args: argparse.Namespace) -> CacheAttentionConfig:
 
 
 def bench_training(
-    shape: dict,
+    shape: T2IConfig,
     impls: Sequence[str],
     args: argparse.Namespace,
     peak: float,
@@ -122,8 +109,8 @@ def bench_training(
     passes: Sequence[str] = ("fwd", "fwd+bwd"),
 ) -> list:
     """Level-mask attention, forward and/or forward+backward, for each implementation."""
-    lev = level_ids(shape["context_tokens"], shape["patch_nums"])
-    L, H, D, B = len(lev), shape["heads"], shape["head_dim"], args.batch
+    lev = shape.level_ids()
+    L, H, D, B = len(lev), shape.num_heads, shape.head_dim, args.batch
     dtype = jnp.dtype(args.dtype)
     ks = jax.random.split(jax.random.PRNGKey(1), 4)
     q, k, v, do = (jax.random.normal(kk, (B, L, H, D), dtype) for kk in ks)
@@ -151,7 +138,7 @@ def bench_training(
 
 
 def bench_sampling(
-    shape: dict,
+    shape: T2IConfig,
     impls: Sequence[str],
     args: argparse.Namespace,
     peak: float,
@@ -159,19 +146,19 @@ def bench_sampling(
     cfg: CacheAttentionConfig | None = None,
 ) -> list:
     """Cache attention of every sampling stage, for each implementation."""
-    stages = stage_shapes(shape["context_tokens"], shape["patch_nums"])
+    stages = stage_shapes(shape)
     Lm = padded_cache_length(stages[-1][2])
     if args.stages:
         wanted = {int(s) for s in args.stages.split(",")}
         stages = [st for st in stages if st[0] in wanted]
-    H, D, B = shape["heads"], shape["head_dim"], args.sample_batch
+    H, D, B = shape.num_heads, shape.head_dim, args.sample_batch
     dtype = jnp.dtype(args.dtype)
     kk, kv = jax.random.split(jax.random.PRNGKey(2))
     stacked = args.cache_layout == "stacked"
-    cache_shape = ((shape["depth"],) if stacked else ()) + (B, Lm, H, D)
+    cache_shape = ((shape.depth,) if stacked else ()) + (B, Lm, H, D)
     k_cache = jax.random.normal(kk, cache_shape, dtype)
     v_cache = jax.random.normal(kv, cache_shape, dtype)
-    layer = jnp.int32(shape["depth"] // 2) if stacked else None  # traced, as in the sampler's loop
+    layer = jnp.int32(shape.depth // 2) if stacked else None  # traced, as in the sampler's loop
     scale = 0.25 / np.sqrt(D)
     cfg = cfg or cache_config(args)
     rows = []
@@ -202,7 +189,7 @@ def sweep_grids(smoke: bool) -> dict[str, list[dict]]:
     return {k: v[:2] for k, v in grids.items()} if smoke else grids
 
 
-def sweep(shape: dict, args: argparse.Namespace, peak: float, interpret: bool) -> dict:
+def sweep(shape: T2IConfig, args: argparse.Namespace, peak: float, interpret: bool) -> dict:
     """Time the Pallas kernels over ``sweep_grids``; rows fastest first, failures last.
 
     The backward grid runs with the best forward tiles; the cache grid is timed as
@@ -314,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "smoke": args.smoke,
         "pallas_interpret": interpret,
         "cache_layout": args.cache_layout,
-        "shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()},
+        "shape": dict(context_tokens=shape.context_token, patch_nums=list(shape.patch_nums),
+                      heads=shape.num_heads, head_dim=shape.head_dim, depth=shape.depth),
         "matmul_peak": peak,
         "training": bench_training(shape, impls, args, peak["tflops"], interpret),
         "sampling": bench_sampling(shape, impls, args, peak["tflops"], interpret) if args.sampling else [],

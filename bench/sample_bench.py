@@ -36,7 +36,7 @@ from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig  # noqa
 from hart_jax.models.text_encoder import Qwen2Config, Qwen2Model  # noqa: E402
 from hart_jax.models.transformer import HARTTransformer, T2IConfig, init_inputs  # noqa: E402
 from hart_jax.attention import resolve_impl  # noqa: E402
-from hart_jax.pipeline import HARTPipeline  # noqa: E402
+from hart_jax.pipeline import HARTPipeline, seed_keys  # noqa: E402
 from hart_jax.sampling import SamplingConfig  # noqa: E402
 
 PATCH_NUMS = {
@@ -102,7 +102,7 @@ def inputs(pipe: HARTPipeline, batch: int, prefix_len: int = 64):
     mask = np.arange(t)[None] < n_valid[:, None]
     attn = np.concatenate([np.ones((batch, prefix_len), bool), mask], 1)
     pos = (np.cumsum(mask, 1) - 1).astype(np.int32)
-    keys = np.stack([np.asarray(jax.random.PRNGKey(i)) for i in range(batch)])
+    keys = seed_keys(range(batch))
     return ids, attn, mask, pos, keys
 
 

@@ -52,6 +52,11 @@ def to_uint8(images_01: np.ndarray, truncate: bool = False) -> np.ndarray:
     return (np.floor(x) if truncate else np.round(x)).astype(np.uint8)
 
 
+def seed_keys(seeds: Sequence[int]) -> np.ndarray:
+    """One ``jax.random.PRNGKey(seed)`` per image, stacked ``[N, 2]`` (host memory)."""
+    return np.stack([np.asarray(jax.random.PRNGKey(int(s))) for s in seeds])
+
+
 def shard_largest_axis(x: Any, mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
     """Sharding of a weight over all devices of ``mesh`` along its largest axis that
     divides evenly (replicated when none does). Under jit, XLA gathers each weight
@@ -213,7 +218,7 @@ class HARTPipeline:
         b = int(np.shape(context)[0])
         if keys is None:
             seeds = list(seeds) if seeds is not None else list(range(b))
-            keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
+            keys = seed_keys(seeds)
         fn = self.program(b, sampling, from_context=True, trace=return_trace)
         return fn(self.t2i_vars, self.tok_vars, jnp.asarray(context, jnp.float32), jnp.asarray(context_mask),
                   jnp.asarray(context_position_ids), keys, jnp.float32(guidance_scale), injected)
@@ -280,7 +285,7 @@ class HARTPipeline:
             chunk_seeds = chunk_seeds + [chunk_seeds[-1]] * pad
             tokens = self.text_encoder.tokenize(chunk)
             ids, attn = tokens.encoder_inputs()
-            keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in chunk_seeds])
+            keys = seed_keys(chunk_seeds)
             args = [ids, attn, tokens.context_mask, tokens.context_position_ids, keys]
             if self.mesh is not None:
                 args = [jax.device_put(a, self._batch_sharding(np.ndim(a))) for a in args]
