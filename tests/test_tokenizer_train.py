@@ -42,6 +42,7 @@ NDF = 8  # the tokenizer_tiny preset's discriminator width
 
 # ------------------------------------------------------------ torch PatchGAN
 def taming_discriminator(ndf: int = NDF, n_layers: int = 3, in_ch: int = 3) -> torch.nn.Sequential:
+    # ndf: the tokenizer_tiny preset's, so the decoder run can start from this discriminator
     """taming's ``NLayerDiscriminator`` layout with BatchNorm, random norms and running stats."""
     nn = torch.nn
     with torch.random.fork_rng():
@@ -105,10 +106,25 @@ def launch(workdir: Path, data_dir: Path, name: str, *extra: str) -> subprocess.
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
 
 
+def tokenizer_flags(config_json: Path) -> list[str]:
+    """``--config.tokenizer.*`` flags setting every TokenizerConfig field from a fixture's config.json."""
+    import dataclasses
+
+    from hart_jax.models.autoencoder import TokenizerConfig
+
+    cfg = TokenizerConfig.from_hf_dict(json.loads(config_json.read_text()))
+    out = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        v = "(" + ",".join(str(x) for x in v) + ")" if isinstance(v, tuple) else v
+        out.append(f"--config.tokenizer.{f.name}={v}")
+    return out
+
+
 class Runs:
     """Subprocess runs started at once; ``get(name)`` waits for one (``resumed`` starts after ``killed``)."""
 
-    def __init__(self, root: Path, converted: Path) -> None:
+    def __init__(self, root: Path, converted: Path, golden_config: Path) -> None:
         self.root, self.converted = root, converted
         self.data = root / "data"
         train_data.write(self.data, 48, kind="c2i", name="shapes", size=32)
@@ -120,6 +136,7 @@ class Runs:
             "decoder": launch(
                 root / "decoder", self.data, "shapes_t2i", "--config.tokenizer_train.trainable=decoder",
                 f"--config.init_from={converted}", f"--config.train.num_steps={DECODER_STEPS}",
+                *tokenizer_flags(golden_config),
             ),
             "diverge": launch(
                 root / "diverge", self.data, "shapes", "--config.optim.lr=1e30", "--config.checkpoint.every_steps=1",
@@ -156,8 +173,8 @@ def converted(golden_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, converted):
-    r = Runs(tmp_path_factory.mktemp("tok_runs"), converted[1])
+def runs(tmp_path_factory, converted, golden_dir):
+    r = Runs(tmp_path_factory.mktemp("tok_runs"), converted[1], golden_dir / "tokenizer" / "config.json")
     yield r
     for p in r.procs.values():  # a failed or interrupted session leaves no training process behind
         if p.poll() is None:

@@ -53,7 +53,7 @@ def _rules(config: Any) -> list:
     return [tuple(r) if not isinstance(r[1], (list, tuple)) else (r[0], tuple(r[1])) for r in config.mesh.rules]
 
 
-def load_init(config: Any, tok_cfg: TokenizerConfig, dcfg: DiscriminatorConfig) -> tuple[Any, Any]:
+def load_init_weights(config: Any, tok_cfg: TokenizerConfig, dcfg: DiscriminatorConfig) -> tuple[Any, Any]:
     """``(params, disc_vars)`` from ``init_from`` (each ``None`` when not given / not present).
 
     The directory's tokenizer config must equal the configured one (``v_patch_nums``
@@ -151,12 +151,13 @@ class TokenizerComponents:
 
 
 def build_tokenizer(
-    config: Any, devices: Any = None, perceptual: tuple[PerceptualFn, Any] | None = None
+    config: Any, devices: Any = None, perceptual: tuple[PerceptualFn, Any] | None = None, *, load_init: bool = True
 ) -> TokenizerComponents:
     """Mesh, models, objective and optimizers from a ``task="tokenizer"`` config.
 
     ``perceptual = (fn, params)`` replaces the LPIPS loaded from
-    ``tokenizer_loss.perceptual_weights`` (tests)."""
+    ``tokenizer_loss.perceptual_weights`` (tests); ``load_init=False`` skips reading
+    ``init_from``'s weights (a resumed run: the checkpoint replaces them)."""
     tok_cfg = tokenizer_config_from(config)
     dcfg = DiscriminatorConfig(
         ndf=int(config.discriminator.ndf), n_layers=int(config.discriminator.n_layers),
@@ -179,7 +180,7 @@ def build_tokenizer(
     dtype = DTYPES[config.compute_dtype]
     model = HARTAutoEncoder(tok_cfg, dtype=dtype)
     disc = NLayerDiscriminator(dcfg, dtype=dtype)
-    init_params, init_disc = load_init(config, tok_cfg, dcfg)
+    init_params, init_disc = load_init_weights(config, tok_cfg, dcfg) if load_init else (None, None)
     side = tok_cfg.v_patch_nums[-1] * tok_cfg.downsample
     abstract = jax.eval_shape(lambda: init_autoencoder(model, jax.random.PRNGKey(0), side))
     labels = trainable_labels(abstract, str(tt.trainable))
@@ -212,14 +213,16 @@ def train_tokenizer(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     c = config
     if not c.data.name and not c.data.path:
         raise ValueError("no training data: set data.name (+ data.data_dir) or data.path")
-    comp = build_tokenizer(config)
     primary = jax.process_index() == 0
     mngr = checkpointing.make_manager(
         workdir, every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save
     )
     latest = mngr.latest_step()
-    if latest is not None:  # the checkpoint replaces everything: skip init_from's weights
-        comp.init_params = comp.init_disc = None
+    try:
+        comp = build_tokenizer(config, load_init=latest is None)  # a checkpoint replaces init_from's weights
+    except BaseException:
+        mngr.close()
+        raise
     state, shardings = comp.create_state()
     loader = make_loader(c.data, kind="image", resolution=comp.resolution, global_batch=int(c.train.batch_size),
                          seed=int(c.seed))
