@@ -382,6 +382,30 @@ def test_warmup_gradient_and_adaptive_weight(gen_setup):
     assert want > 0
 
 
+def test_build_rejects_bad_settings(tmp_path):
+    from configs.train import get_config
+    from hart_jax.train.tokenizer_loop import build_tokenizer
+
+    def cfg(**kw):
+        c = get_config("tokenizer_tiny")
+        for k, v in kw.items():
+            sec, field = k.split("__")
+            c[sec][field] = v
+        return c
+
+    dev = jax.devices()[:1]
+    with pytest.raises(ValueError, match="set init_from"):
+        build_tokenizer(cfg(tokenizer_train__trainable="decoder"), dev)
+    with pytest.raises(ValueError, match="grad_accum=1"):
+        build_tokenizer(cfg(train__grad_accum=2), dev)
+    with pytest.raises(ValueError, match="not found"):
+        build_tokenizer(cfg(tokenizer_loss__perceptual_weights=str(tmp_path / "lpips.pth")), dev)
+    with pytest.raises(ValueError, match="disc_loss"):
+        build_tokenizer(cfg(tokenizer_loss__disc_loss="wgan"), dev)
+    comp = build_tokenizer(cfg(tokenizer_loss__perceptual_weights="x"), dev, perceptual=(stand_in_lpips, {"w": 1.0}))
+    assert comp.perceptual_fn is stand_in_lpips and float(comp.frozen_params["w"]) == 1.0
+
+
 # ----------------------------------------------------------------- runs
 def test_sigkill_resume_is_exact(runs):
     a_dir = runs.ok("straight")

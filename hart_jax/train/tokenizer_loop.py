@@ -90,7 +90,12 @@ def load_init_weights(config: Any, tok_cfg: TokenizerConfig, dcfg: Discriminator
 
 def load_perceptual(path: str) -> tuple[PerceptualFn, Any]:
     """LPIPS from local weights (``hart_jax.models.lpips``, imported only here)."""
-    from hart_jax.models.lpips import load_lpips, lpips_distance
+    if not Path(path).exists():
+        raise ValueError(f"tokenizer_loss.perceptual_weights: {path} not found")
+    try:
+        from hart_jax.models.lpips import load_lpips, lpips_distance
+    except ImportError as e:
+        raise ValueError(f"tokenizer_loss.perceptual_weights is set but LPIPS is unavailable ({e})") from None
 
     module, params = load_lpips(path)
     return (lambda p, x, y: lpips_distance(module, p, x, y)), params
