@@ -1,6 +1,7 @@
-"""Train HART's transformer and diffusion head.
+"""Train HART's transformer and diffusion head, or its hybrid tokenizer (``task="tokenizer"``).
 
     python train.py --config configs/train.py:tiny_t2i --workdir /tmp/run [--config.train.num_steps=100 ...]
+    python train.py --config configs/train.py:tokenizer_tiny --workdir /tmp/tok --config.data.name=...
 
 Starting again with the same ``--workdir`` resumes from its latest checkpoint.
 """
@@ -18,10 +19,17 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from hart_jax.errors import HartError
-    from hart_jax.train.loop import train
 
+    config = flags.FLAGS.config
+    task = str(config.get("task", "transformer"))
+    if task == "tokenizer":
+        from hart_jax.train.tokenizer_loop import train_tokenizer as train
+    elif task == "transformer":
+        from hart_jax.train.loop import train
+    else:
+        raise SystemExit(f"train.py: unknown task {task!r} (expected 'transformer' or 'tokenizer')")
     try:
-        last = train(flags.FLAGS.config, flags.FLAGS.workdir)
+        last = train(config, flags.FLAGS.workdir)
     except (HartError, ValueError) as e:
         raise SystemExit(f"train.py: {type(e).__name__}: {e}") from None
     if last:

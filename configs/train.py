@@ -4,19 +4,31 @@ Presets:
   ``hart_0p7b_1024``: the release's 0.7B text-to-image model at 1024 px (cached text
       embeddings, bf16 compute, token dropping bucketed to multiples of 256);
   ``hart_c2i_d20`` / ``d24`` / ``d30``: class-conditional ImageNet 256 px sizes;
-  ``tiny_t2i`` / ``tiny_c2i``: the fixture-sized models on 24 px images (tests, CPU).
+  ``tiny_t2i`` / ``tiny_c2i``: the fixture-sized models on 24 px images (tests, CPU);
+  ``tokenizer_hart_1024``: fine-tune the release's hybrid tokenizer (decoder +
+      post_quant_conv, as the release's ``freeze_codebook_for_hybrid``) from a converted
+      release (``init_from``), bf16 compute, 1024 px;
+  ``tokenizer_tiny``: the fixture-sized tokenizer trained from scratch on 24 px images.
 
-Sections: ``model`` (``T2IConfig`` fields), ``tokenizer`` (``TokenizerConfig`` fields +
+Transformer sections (``task="transformer"``): ``model`` (``T2IConfig`` fields), ``tokenizer`` (``TokenizerConfig`` fields +
 ``checkpoint``: a converted tokenizer directory; empty = random init, only for tests),
 ``text_encoder`` (converted Qwen2 directory for ``data.context="prompt"``), ``data``,
 ``objective``, ``optim``, ``train``, ``mesh`` (+ ``rules``), ``checkpoint``, ``log``.
+
+Tokenizer sections (``task="tokenizer"``, built by ``get_tokenizer_config``):
+``tokenizer`` (``TokenizerConfig`` fields), ``init_from`` (converted tokenizer directory),
+``discriminator``, ``tokenizer_loss``, ``tokenizer_train``, ``data``, ``optim`` (the
+autoencoder's, + ``ema_decay``), ``disc_optim``, ``train``, ``mesh``, ``checkpoint``, ``log``.
 """
+
+from typing import Any, Mapping
 
 import ml_collections
 
 from configs import tokenizer as tok_presets
 from configs import transformer as tr_presets
-from hart_jax.train.sharding import DEFAULT_RULES
+from hart_jax.models.autoencoder import TokenizerConfig
+from hart_jax.train.sharding import DEFAULT_RULES, TOKENIZER_RULES
 
 TINY_C2I_MODEL = dict(
     tr_presets.PRESETS["tiny"], context_token=0, num_classes=10, disable_aln=False, use_timestep_embed=False,
@@ -26,6 +38,7 @@ TINY_C2I_MODEL = dict(
 
 def _base(model: dict, tokenizer: str, kind: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.task = "transformer"  # "transformer" | "tokenizer" (train.py dispatches on it)
     c.seed = 0
     c.distributed = "auto"  # jax.distributed.initialize(): "auto" (launcher env), "on", "off"
     c.model = ml_collections.ConfigDict(dict(model))
@@ -103,13 +116,154 @@ def _base(model: dict, tokenizer: str, kind: str) -> ml_collections.ConfigDict:
     return c
 
 
-PRESETS = ("hart_0p7b_1024", "hart_c2i_d20", "hart_c2i_d24", "hart_c2i_d30", "tiny_t2i", "tiny_c2i")
+def _data_section(kind: str) -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    d.kind = kind
+    d.name = ""
+    d.data_dir = ""
+    d.path = ""
+    d.split = "train"
+    d.seed = -1  # -1: the run's seed
+    d.shuffle = True
+    d.random_crop = False
+    d.random_flip = False
+    d.worker_count = 0
+    d.worker_buffer_size = 2
+    d.image_key = "image"
+    return d
+
+
+def _optim_section(lr: float) -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict()
+    o.lr = lr
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.05
+    o.warmup_steps = 0
+    o.decay_steps = 0  # 0: train.num_steps
+    o.min_lr_ratio = 1.0  # 1: constant after the warmup
+    o.grad_clip = 1.0
+    return o
+
+
+def get_tokenizer_config(
+    tokenizer: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+) -> ml_collections.ConfigDict:
+    """A tokenizer training config (``task="tokenizer"``) around ``tokenizer`` (the fields of
+    ``hart_jax.models.autoencoder.TokenizerConfig``, e.g. ``configs.tokenizer.PRESETS[...]``),
+    then ``overrides`` as ``{"section.field": value}`` (e.g. ``{"train.batch_size": 16}``).
+
+    Defaults: train everything from scratch, fp32, 50/50 discrete/hybrid decoding, MSE +
+    VQ loss, hinge PatchGAN (taming's, ndf 64, 3 layers, BatchNorm) with the adaptive
+    weight from ``disc_start``, no perceptual loss until ``tokenizer_loss.perceptual_weights``
+    names LPIPS weights; AdamW 1e-4 for both networks."""
+    c = ml_collections.ConfigDict()
+    c.task = "tokenizer"
+    c.seed = 0
+    c.distributed = "auto"
+    c.tokenizer = ml_collections.ConfigDict({**TokenizerConfig().to_hf_dict(), **dict(tokenizer)})
+    del c.tokenizer.model_type  # every TokenizerConfig field, so each can be overridden
+    for k in ("ch_mult", "v_patch_nums"):
+        c.tokenizer[k] = tuple(c.tokenizer[k])
+    c.init_from = ""  # converted tokenizer directory (fine-tuning); its discriminator too, if kept
+    c.compute_dtype = "float32"  # autoencoder + discriminator convs; params stay fp32
+
+    c.discriminator = ml_collections.ConfigDict()
+    c.discriminator.ndf = 64
+    c.discriminator.n_layers = 3
+    c.discriminator.norm = "batch"  # "batch" (the release) | "group" | "none"
+
+    c.tokenizer_loss = ml_collections.ConfigDict()
+    c.tokenizer_loss.rec_loss = "l2"  # "l2" (the release's MSE) | "l1"
+    c.tokenizer_loss.recon_weight = 1.0
+    c.tokenizer_loss.vq_weight = 1.0
+    c.tokenizer_loss.skip_continuous_prob = 0.5  # discrete-only decoding probability (paper: 50/50)
+    c.tokenizer_loss.perceptual_weight = 1.0
+    c.tokenizer_loss.perceptual_weights = ""  # LPIPS weights file; empty: no perceptual loss
+    c.tokenizer_loss.disc_weight = 0.8
+    c.tokenizer_loss.disc_start = 10_000  # steps before the adversarial loss and D updates start
+    c.tokenizer_loss.disc_loss = "hinge"  # "hinge" | "vanilla"
+    c.tokenizer_loss.adaptive_weight = True  # VQGAN's lambda from the last decoder layer
+
+    c.tokenizer_train = ml_collections.ConfigDict()
+    c.tokenizer_train.trainable = "all"  # "all" | "decoder" (decoder + post_quant_conv, needs init_from)
+    c.tokenizer_train.patch_nums = ()  # empty: tokenizer.v_patch_nums; images are patch_nums[-1] * 2**(len(ch_mult)-1)
+    c.tokenizer_train.init_discriminator = True  # start D from init_from's discriminator when it has one
+
+    c.data = _data_section("image")
+    c.optim = _optim_section(1e-4)
+    c.optim.ema_decay = 0.999
+    c.disc_optim = _optim_section(1e-4)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32
+    c.train.grad_accum = 1  # must be 1 (BatchNorm + adaptive weight are per batch)
+    c.train.num_steps = 100_000
+    c.train.sigkill_at_step = -1
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.rules = tuple(TOKENIZER_RULES)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 50
+    c.log.tensorboard = True
+    c.log.progress = True
+    c.log.example_ids = False
+    for key, value in (overrides or {}).items():
+        *sections, field = key.split(".")
+        node = c
+        for sec in sections:
+            node = node[sec]
+        if field not in node:
+            raise ValueError(f"unknown tokenizer config field {key!r}")
+        node[field] = value
+    return c
+
+
+PRESETS = (
+    "hart_0p7b_1024", "hart_c2i_d20", "hart_c2i_d24", "hart_c2i_d30", "tiny_t2i", "tiny_c2i",
+    "tokenizer_hart_1024", "tokenizer_tiny",
+)
 
 
 def get_config(preset: str = "tiny_t2i") -> ml_collections.ConfigDict:
     """The named preset."""
     if preset not in PRESETS:
         raise ValueError(f"unknown training preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if preset == "tokenizer_hart_1024":
+        return get_tokenizer_config(tok_presets.PRESETS["hart_0p7b_1024"], {
+            "compute_dtype": "bfloat16",
+            "tokenizer_train.trainable": "decoder",
+            "tokenizer_loss.disc_start": 5_000,  # 0 when init_from holds the release's discriminator
+            "optim.lr": 5e-5,
+            "disc_optim.lr": 5e-5,
+            "optim.warmup_steps": 500,
+            "train.batch_size": 32,
+            "train.num_steps": 50_000,
+        })
+    if preset == "tokenizer_tiny":
+        return get_tokenizer_config(tok_presets.PRESETS["tiny"], {
+            "discriminator.ndf": 8,
+            "tokenizer_loss.disc_start": 2,
+            "optim.lr": 1e-3,
+            "disc_optim.lr": 1e-3,
+            "optim.ema_decay": 0.9,
+            "train.batch_size": 8,
+            "train.num_steps": 20,
+            "checkpoint.every_steps": 10,
+            "checkpoint.keep": 2,
+            "log.every_steps": 1,
+            "log.progress": False,
+        })
     if preset == "hart_0p7b_1024":
         c = _base(tr_presets.PRESETS["hart_0p7b_1024"], "hart_0p7b_1024", "t2i")
         c.mesh.fsdp = -1

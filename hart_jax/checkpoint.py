@@ -6,6 +6,8 @@ Layout of a directory written by ``save_converted``::
     <dir>/params/         Orbax PyTree checkpoint of the Flax params
     <dir>/hart_jax.json   marker: format, kind, parameter count, source; written last
     <dir>/<extra files>   e.g. the text encoder's prompt prefix
+    <dir>/<extra trees>/  further Orbax PyTrees beside the params (e.g. a tokenizer's
+                          discriminator); ``load_converted`` does not read them
 
 Everything is first written to a temporary sibling directory and renamed into
 place, so an interrupted conversion never leaves a directory that looks complete;
@@ -77,11 +79,15 @@ def save_converted(
     kind: str,
     source: str | None = None,
     extra_files: Mapping[str, str | bytes] | None = None,
+    extra_trees: Mapping[str, Any] | None = None,
     force: bool = False,
 ) -> Path:
-    """Write ``params`` + ``config`` to ``out_dir`` atomically; return its path."""
+    """Write ``params`` + ``config`` (+ extra files and Orbax trees) to ``out_dir``
+    atomically; return its path."""
     with atomic_directory(out_dir, force) as tmp:
         _pytree_checkpointer().save(str(tmp / "params"), dict(params))
+        for name, tree in (extra_trees or {}).items():
+            _pytree_checkpointer().save(str(tmp / name), tree)
         (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         for name, content in (extra_files or {}).items():
             mode = "wb" if isinstance(content, bytes) else "w"
@@ -96,6 +102,8 @@ def save_converted(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "extra_files": sorted(extra_files or {}),
         }
+        if extra_trees:
+            marker["extra_trees"] = sorted(extra_trees)
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return Path(out_dir).absolute()
 

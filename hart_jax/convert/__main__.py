@@ -1,6 +1,6 @@
 """Command line: convert PyTorch HART checkpoints into hart-jax directories.
 
-    python -m hart_jax.convert tokenizer SRC_DIR OUT_DIR [--weights FILE] [--force]
+    python -m hart_jax.convert tokenizer SRC_DIR OUT_DIR [--weights FILE] [--force] [--keep-discriminator]
     python -m hart_jax.convert llm SRC_DIR OUT_DIR [--weights FILE] [--no-ema] [--force]
     python -m hart_jax.convert release RELEASE_DIR QWEN_DIR OUT_DIR --prefix-from constants.py [--force]
 
@@ -19,7 +19,9 @@ from hart_jax.errors import HartError
 def _tokenizer(args: argparse.Namespace) -> str:
     from hart_jax.convert.tokenizer import save_tokenizer
 
-    out = save_tokenizer(args.src, args.out, weights=args.weights, force=args.force)
+    out = save_tokenizer(
+        args.src, args.out, weights=args.weights, force=args.force, keep_discriminator=args.keep_discriminator
+    )
     return f"wrote {out}"
 
 
@@ -74,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("out", help="output directory to create")
             s.add_argument("--weights", default=None, help="weight file to read instead of the default search")
         s.add_argument("--force", action="store_true", help="replace an existing output directory")
+        if name == "tokenizer":
+            s.add_argument(
+                "--keep-discriminator", action="store_true",
+                help="also convert the PatchGAN discriminator (disc.*) for tokenizer fine-tuning",
+            )
         if name in ("llm", "release"):
             s.add_argument(
                 "--ema", action=argparse.BooleanOptionalAction, default=True,

@@ -1,8 +1,10 @@
 """Converter for a release's ``tokenizer/`` directory (``HARTAutoEncoderWithDisc``).
 
 Keys may carry the ``vae.`` prefix (the release) or not (a bare ``HARTAutoEncoder``
-state dict). ``disc.*`` (the training discriminator) and the statistics buffer
-``quantize.ema_vocab_hit_SV`` are dropped.
+state dict). The statistics buffer ``quantize.ema_vocab_hit_SV`` is dropped, and so is
+the training discriminator (``disc.*``) unless ``keep_discriminator`` asks to convert it
+(``hart_jax.convert.discriminator``: stored beside the params, invisible to
+``load_converted``).
 """
 
 from __future__ import annotations
@@ -138,16 +140,27 @@ def save_tokenizer(
     *,
     weights: str | os.PathLike | None = None,
     force: bool = False,
+    keep_discriminator: bool = False,
 ) -> Path:
-    """Convert ``src_dir``, check the result runs, and write it atomically to ``out_dir``."""
+    """Convert ``src_dir``, check the result runs, and write it atomically to ``out_dir``;
+    ``keep_discriminator`` also converts the ``disc.*`` PatchGAN (an error if absent)."""
     from hart_jax.checkpoint import load_converted, save_converted
 
     if Path(out_dir).exists() and not force:
         raise CheckpointError(f"{Path(out_dir).absolute()}: already exists; pass --force to replace it")
-    cfg, variables = convert_tokenizer(src_dir, weights)
+    cfg = load_tokenizer_config(src_dir)
+    wfile = Path(weights) if weights else find_weight_file(src_dir)
+    state = load_state_dict(wfile)
+    variables = {"params": convert_tokenizer_state(state, cfg, source=str(wfile))}
+    extras: dict[str, Any] = {}
+    if keep_discriminator:
+        from hart_jax.convert.discriminator import convert_discriminator_state, discriminator_extras
+
+        dcfg, dvars = convert_discriminator_state(state, source=str(wfile))
+        extras = discriminator_extras(dcfg, dvars)
     verify_tokenizer(cfg, variables)
     out = save_converted(
-        out_dir, variables, cfg.to_hf_dict(), kind=KIND, source=str(Path(src_dir).absolute()), force=force
+        out_dir, variables, cfg.to_hf_dict(), kind=KIND, source=str(Path(src_dir).absolute()), force=force, **extras
     )
     _, reloaded = load_converted(out, kind=KIND)
     verify_tokenizer(cfg, reloaded)

@@ -7,7 +7,8 @@ Elements (numpy, one example; ``Batch`` stacks them):
   ``context_mask`` ``[T]`` bool, ``context_position_ids`` ``[T]`` int32;
   text-to-image with prompts: ``input_ids`` / ``attention_mask`` ``[P + T]`` (the
   Qwen2 encoder inputs, prefix included), ``context_mask``, ``context_position_ids``;
-  class-conditional: ``label`` int32. With ``codes`` (precomputed tokenizer outputs)
+  class-conditional: ``label`` int32; ``kind="image"`` (tokenizer training): ``image`` and
+  ``id`` only, from any records. With ``codes`` (precomputed tokenizer outputs)
   ``codes`` ``[sum pn^2]`` int32 and ``last_layer_gt`` ``[hw, Cv]`` float32 replace ``image``.
 
 Shuffling is grain's ``IndexSampler`` (deterministic by seed, endless epochs), sharded
@@ -74,7 +75,7 @@ class Preprocess(grain.RandomMapTransform):
 
     def random_map(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         out: dict[str, Any] = {"id": np.int64(record.get("id", -1))}
-        if self.codes:
+        if self.codes and self.kind != "image":
             if "codes" not in record:
                 raise ValueError("data.codes=True needs records with 'codes' (make_records --tokenizer)")
             out["codes"] = np.asarray(record["codes"], np.int32)
@@ -87,7 +88,9 @@ class Preprocess(grain.RandomMapTransform):
             if self.random_flip and rng.random() < 0.5:
                 img = img[:, ::-1]
             out["image"] = np.ascontiguousarray(img)
-        if self.kind == "c2i":
+        if self.kind == "image":
+            pass  # tokenizer training: image + id only (t2i or c2i records)
+        elif self.kind == "c2i":
             out["label"] = np.int32(record[self.label_key])
         elif self.context == "cached":
             if "context" not in record:

@@ -265,7 +265,8 @@ class HARTAutoEncoder(nn.Module):
         skip_continuous_prob: float = 0.0,
         deterministic: bool = True,
     ) -> dict[str, Any]:
-        """Training forward: ``{"out": unclamped recon, "vq_loss", "idx": list}``.
+        """Training forward: ``{"out": unclamped recon, "vq_loss", "idx": list,
+        "use_continuous": bool []}`` (which path the decoder saw).
 
         With probability ``skip_continuous_prob`` (one draw per call from the
         ``"quantize"`` RNG stream) the decoder sees the discrete-only latent, else
@@ -287,4 +288,4 @@ class HARTAutoEncoder(nn.Module):
         out = self.decode_unclamped(f_hat, deterministic)
         if self.cfg.double_decoder and self.is_initializing():
             self.decode_discrete_second(f_hat)
-        return {"out": out, "vq_loss": vq_loss, "idx": idx}
+        return {"out": out, "vq_loss": vq_loss, "idx": idx, "use_continuous": jnp.asarray(use_continuous)}

@@ -1,4 +1,4 @@
-"""Device mesh, logical axis names of the transformer's parameters, and shardings.
+"""Device mesh, logical axis names of the parameters (transformer, tokenizer), and shardings.
 
 The model code stays free of sharding annotations: each parameter gets logical axis
 names from its path (``PARAM_LOGICAL_AXES``, first matching pattern wins), and the
@@ -45,6 +45,9 @@ PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"diffloss/.*kernel$", ("diff_in", "diff_out")),
     (r"diffloss/.*(bias|scale)$", ("diff_out",)),
     (r"kernel$", ("input", "embed")),
+    # 2-D convs (tokenizer, discriminator): [kh, kw, in, out]; "conv_out" is only mapped by
+    # TOKENIZER_RULES, so under DEFAULT_RULES conv kernels stay replicated as before.
+    (r"kernel$", (None, None, "conv_in", "conv_out")),
     (r"scale$", ("norm",)),
     (r"bias$", ("embed",)),
 )
@@ -66,6 +69,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("classes", None),
     ("norm", None),
 )
+
+# Tokenizer training: conv output channels over fsdp too (when divisible).
+TOKENIZER_RULES: tuple[tuple[str, Any], ...] = DEFAULT_RULES + (("conv_in", None), ("conv_out", "fsdp"))
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
