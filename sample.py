@@ -1,9 +1,12 @@
 """Generate images with HART from text prompts.
 
-Example:
+Examples:
+    python sample.py                                   # the built-in shapes model, its demo prompts, one grid
+    python sample.py --prompt "a red circle"           # the built-in model, one prompt
     python sample.py --ckpt converted/hart-0.7b-1024px --prompt "a red fox in the snow" --out-dir out/
 
-The checkpoint directory comes from
+Without ``--ckpt`` the built-in default model (``hart_jax.builtin``, trained by hart-jax on its
+procedural shapes dataset) is used. A release checkpoint directory comes from
 ``python -m hart_jax.convert release hart-0.7b-1024px Qwen2-VL-1.5B-Instruct OUT --prefix-from constants.py``.
 Writes one PNG per image (or one grid with --grid) and settings.json with every
 prompt and setting used. Errors print one line and exit with status 2.
@@ -25,17 +28,25 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (``--help`` is the reference for every flag)."""
     p = argparse.ArgumentParser(prog="python sample.py", description=DESCRIPTION,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="converted pipeline directory (tokenizer/, transformer/, text_encoder/)")
-    p.add_argument("--prompt", action="append", default=[], help="a text prompt; repeat the flag for several")
+    p.add_argument("--ckpt", default=None,
+                   help="converted pipeline directory (tokenizer/, transformer/, text_encoder/); "
+                   "default: the built-in shapes model shipped in hart_jax/builtin")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a text prompt; repeat the flag for several (none: the checkpoint's demo prompts, as a grid)")
     p.add_argument("--prompt-file", default=None, help="a UTF-8 file with one prompt per line (blank lines ignored)")
     p.add_argument("--out-dir", default="samples", help="where the PNGs and settings.json are written")
-    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1.0 = no guidance)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (1.0 = no guidance; default: the checkpoint's sampling.json, "
+                   "else the release's 4.5)")
     p.add_argument("--seed", type=int, default=1, help="seed of the first image; image i uses seed + i")
     p.add_argument("--top-k", type=int, default=None,
-                   help="keep the k most likely tokens at every scale (default: the release's rule, 600 then 300)")
-    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 disables)")
-    p.add_argument("--more-smooth", action=argparse.BooleanOptionalAction, default=True,
-                   help="Gumbel-softmax smoothing of the code vectors (the release's default)")
+                   help="keep the k most likely tokens at every scale (default: the checkpoint's sampling.json, else "
+                   "the release's rule, 600 then 300)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling threshold (0 disables; default: the checkpoint's sampling.json, else 0)")
+    p.add_argument("--more-smooth", action=argparse.BooleanOptionalAction, default=None,
+                   help="Gumbel-softmax smoothing of the code vectors (default: the checkpoint's sampling.json, else "
+                   "on, as the release)")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images generated for each prompt")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per compiled program call (default: all, at most 8); the last batch is padded")

@@ -190,6 +190,7 @@ def get_tokenizer_config(
     c.tokenizer_train.trainable = "all"  # "all" | "decoder" (decoder + post_quant_conv, needs init_from)
     c.tokenizer_train.patch_nums = ()  # empty: tokenizer.v_patch_nums; images are patch_nums[-1] * 2**(len(ch_mult)-1)
     c.tokenizer_train.init_discriminator = True  # start D from init_from's discriminator when it has one
+    c.tokenizer_train.codebook_init = "uniform"  # fresh codebook: "uniform" U(-1/V, 1/V) (VAR) | "normal" N(0, 1/C)
 
     c.data = _data_section("image")
     c.optim = _optim_section(1e-4)

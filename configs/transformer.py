@@ -5,6 +5,7 @@ Presets:
       diffusion head), 14 scales for a 64x64 latent;
   ``hart_c2i_d20`` / ``d24`` / ``d30``: class-conditional ImageNet 256 px models sized by
       VAR's convention (width 64*depth, depth heads, 10 scales), per-block AdaLN;
+  ``shapes_32``: the built-in default model (32 px procedural shapes, ``hart_jax.builtin``);
   ``tiny``: the shape of the golden fixture model (fast tests).
 """
 
@@ -31,6 +32,11 @@ PRESETS = {
     "hart_c2i_d20": _c2i(20),
     "hart_c2i_d24": _c2i(24),
     "hart_c2i_d30": _c2i(30),
+    "shapes_32": dict(
+        context_token=16, context_dim=64, depth=4, embed_dim=64, num_heads=4, patch_nums=(1, 2, 3, 4, 6, 8),
+        disable_aln=True, use_timestep_embed=True, use_context_norm=True, diff_width=64, diff_depth=2,
+        vocab_size=64, z_channels=8,
+    ),
     "tiny": dict(
         context_token=6, context_dim=24, depth=2, embed_dim=64, num_heads=4, patch_nums=(1, 2, 3, 4, 6),
         disable_aln=True, use_timestep_embed=True, use_context_norm=True, diff_width=32, diff_depth=2,

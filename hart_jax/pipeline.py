@@ -319,6 +319,33 @@ class _InMesh:
             return self.jitted.lower(*args)
 
 
+def assemble_pipeline(
+    out_dir: str | os.PathLike,
+    parts: dict[str, str | os.PathLike],
+    *,
+    sampling: dict[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
+    """Copy three converted directories (``parts``: tokenizer, transformer, text_encoder ->
+    path) into one pipeline directory, written atomically, with ``sampling.json`` (the
+    sampling defaults ``sample.py`` reads) when ``sampling`` is given."""
+    import shutil
+
+    from hart_jax.checkpoint import atomic_directory
+
+    if sorted(parts) != sorted(PARTS):
+        raise ValueError(f"parts must name exactly {', '.join(PARTS)}, got {', '.join(sorted(parts))}")
+    for part, src in parts.items():
+        read_marker(src, part)
+    with atomic_directory(out_dir, force) as tmp:
+        for part, src in parts.items():
+            shutil.copytree(src, tmp / part)
+        if sampling is not None:
+            (tmp / "sampling.json").write_text(json.dumps(sampling, indent=2) + "\n")
+        write_pipeline_marker(tmp, {part: str(Path(src).absolute()) for part, src in parts.items()})
+    return Path(out_dir).absolute()
+
+
 def write_pipeline_marker(root: Path, sources: dict[str, str]) -> None:
     """The pipeline directory's own marker (written last)."""
     import time

@@ -197,7 +197,6 @@ def test_sample_py_end_to_end(pipe_dir, tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        ([], "no prompt given"),
         (["--prompt-file", "empty.txt"], "empty.txt: prompt file holds no prompt"),
         (["--prompt", "a", "--resolution", "1024"], "unsupported resolution 1024: this checkpoint generates 24x24"),
         (["--prompt", "a", "--ckpt", "nowhere"], "nowhere: checkpoint directory not found"),
@@ -210,6 +209,31 @@ def test_sample_py_bad_input_is_one_line(pipe_dir, tmp_path, args, message):
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last
+
+
+def test_sample_py_without_prompt_draws_demo_prompts_with_checkpoint_defaults(pipe_dir, tmp_path):
+    """No prompt: the checkpoint's demo prompts (sampling.json) as one grid, with its sampling
+    defaults; flags still override them; a broken sampling.json is a one-line error."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(pipe_dir, ckpt)
+    (ckpt / "sampling.json").write_text(json.dumps(
+        {"cfg": 2.0, "top_k": 7, "top_p": 0.0, "more_smooth": False, "prompts": ["a red circle", "a blue square"]}))
+    r = _sample("--ckpt", str(ckpt), "--out-dir", "o", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "no prompt given: drawing the 2 demo prompts" in r.stdout
+    s = json.loads((tmp_path / "o" / "settings.json").read_text())
+    assert s["prompts"] == ["a red circle", "a blue square"] and s["files"] == ["grid.png"]
+    assert (s["cfg"], s["top_k"], s["more_smooth"]) == (2.0, 7, False)
+    r = _sample("--ckpt", str(ckpt), "--prompt", "x", "--cfg", "3", "--top-k", "5", "--more-smooth", "--out-dir", "p",
+                "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "p" / "settings.json").read_text())
+    assert (s["cfg"], s["top_k"], s["more_smooth"], s["prompts"]) == (3.0, 5, True, ["x"])
+    (ckpt / "sampling.json").write_text("{not json")
+    r = _sample("--ckpt", str(ckpt), "--prompt", "x", "--out-dir", "q", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2 and "sampling.json: not valid JSON" in r.stderr.strip().splitlines()[-1]
 
 
 def test_sample_py_help_names_every_flag():

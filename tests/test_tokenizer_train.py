@@ -301,6 +301,23 @@ def test_codebook_stats():
     assert float(s["perplexity/mean"]) == pytest.approx(2.5)
 
 
+def test_codebook_init_choices():
+    """Fresh codebooks: VAR's U(-1/V, 1/V) by default, N(0, 1/C) on request; others refused."""
+    from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
+    from hart_jax.train.tokenizer_state import init_autoencoder
+
+    cfg = TokenizerConfig(vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, v_patch_nums=(1, 2, 4))
+    model = HARTAutoEncoder(cfg)
+    key = jax.random.PRNGKey(0)
+    uni = np.asarray(init_autoencoder(model, key, 8)["quantize"]["embedding"]["embedding"])
+    nor = np.asarray(init_autoencoder(model, key, 8, "normal")["quantize"]["embedding"]["embedding"])
+    assert uni.shape == nor.shape == (256, 16)
+    assert np.abs(uni).max() <= 1 / 256 and np.abs(uni).max() > 0.9 / 256
+    assert abs(nor.std() - 0.25) < 0.02  # sqrt(1 / C)
+    with pytest.raises(ValueError, match="codebook_init"):
+        init_autoencoder(model, key, 8, "zeros")
+
+
 @pytest.fixture(scope="module")
 def gen_setup():
     """Tiny autoencoder + discriminator (numpy-random weights, no init compile), a batch, a key."""

@@ -136,6 +136,7 @@ class TokenizerComponents:
             self.model, self.disc, self.tx, self.disc_tx, int(self.config.seed), self.mesh, self.rules,
             side=self.init_side, params=self.init_params if params is None else params,
             disc_vars=self.init_disc if disc_vars is None else disc_vars,
+            codebook_init=str(self.config.tokenizer_train.get("codebook_init", "uniform")),
         )
 
     def abstract_state(self) -> TokenizerTrainState:

@@ -75,10 +75,15 @@ def ema_update_trainable(ema: Any, params: Any, decay: float, labels: Any) -> An
     )
 
 
-def init_autoencoder(model: HARTAutoEncoder, key: jax.Array, side: int) -> Any:
+CODEBOOK_INITS = ("uniform", "normal")
+
+
+def init_autoencoder(model: HARTAutoEncoder, key: jax.Array, side: int, codebook_init: str = "uniform") -> Any:
     """Fresh fp32 autoencoder params: Flax's default initialisers (LeCun-normal conv kernels,
     i.e. truncated normal with std ``sqrt(1 / fan_in)``, zero biases, unit norm scales),
-    codebook uniform(-1/V, 1/V) as VAR / taming.
+    codebook uniform(-1/V, 1/V) as VAR / taming (``codebook_init="uniform"``) or normal with
+    std ``sqrt(1 / C)`` (``"normal"``, Flax's ``nn.Embed`` default: codes start at the scale of
+    the latent, which short runs need to spread their codes).
 
     Drawn on the shapes of ``jax.eval_shape(model.init)`` from one truncated-normal vector
     for all kernels, so creating the state compiles neither the model's forward nor one
@@ -94,7 +99,12 @@ def init_autoencoder(model: HARTAutoEncoder, key: jax.Array, side: int) -> Any:
     out, offset = [], 0
     for name, (_, s), n in zip(names, flat, sizes):
         if name == "embedding":
-            out.append(jax.random.uniform(k_codebook, s.shape, jnp.float32, -1.0 / v, 1.0 / v))
+            if codebook_init == "normal":
+                out.append(jax.random.normal(k_codebook, s.shape, jnp.float32) * np.float32(np.sqrt(1.0 / s.shape[-1])))
+            elif codebook_init == "uniform":
+                out.append(jax.random.uniform(k_codebook, s.shape, jnp.float32, -1.0 / v, 1.0 / v))
+            else:
+                raise ValueError(f"codebook_init must be one of {CODEBOOK_INITS}, got {codebook_init!r}")
         elif name == "kernel":
             fan_in = int(np.prod(s.shape[:-1]))
             out.append(z[offset : offset + n].reshape(s.shape) * np.float32(np.sqrt(1.0 / fan_in)))
@@ -146,6 +156,7 @@ def create_tokenizer_state(
     side: int,
     params: Any = None,
     disc_vars: Mapping[str, Any] | None = None,
+    codebook_init: str = "uniform",
 ) -> tuple[TokenizerTrainState, Any]:
     """Create the state directly in its shardings; returns ``(state, state_shardings)``.
 
@@ -157,7 +168,7 @@ def create_tokenizer_state(
     f32 = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), t)  # noqa: E731
 
     def build(p, dv):
-        p = init_autoencoder(model, k_ae, side) if p is None else f32(p)
+        p = init_autoencoder(model, k_ae, side, codebook_init) if p is None else f32(p)
         dv = init_disc(disc, k_disc) if dv is None else {"params": f32(dv["params"]), "batch_stats": f32(dv["batch_stats"])}
         return make_tokenizer_state(p, dv, tx, disc_tx, rng_data)
 
