@@ -122,9 +122,15 @@ def test_retrain_smoke_runs_every_stage(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_backend_optimization_level=0")
     env.pop("JAX_PLATFORMS", None)
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "hart_jax.builtin.retrain", str(out), "--smoke"], capture_output=True,
-                       text=True, cwd=REPO, env=env, timeout=1200)
+    docs = tmp_path / "grids"
+    r = subprocess.run([sys.executable, "-m", "hart_jax.builtin.retrain", str(out), "--smoke", "--docs", str(docs)],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # one grid per checkpoint of each run (smoke: the first step, then every 2 of 4) + the demo grid
+    assert sorted(p.name for p in docs.glob("*.png")) == [
+        "samples_final.png", "samples_step00001.png", "samples_step00002.png", "samples_step00004.png",
+        "tokenizer_step00001.png", "tokenizer_step00002.png", "tokenizer_step00004.png",
+    ]
     summary = json.loads((out / "retrain.json").read_text())
     assert set(summary["seconds"]) == {"data", "text_encoder", "tokenizer", "codes", "transformer", "pipeline",
                                        "evaluate", "total"}

@@ -241,3 +241,7 @@ def test_sample_py_help_names_every_flag():
     for flag in ("--ckpt", "--prompt", "--prompt-file", "--cfg", "--seed", "--top-k", "--top-p", "--more-smooth",
                  "--no-more-smooth", "--batch-size", "--out-dir", "--grid", "--no-grid", "--attention-impl"):
         assert flag in r.stdout
+    # each flag states its default once, in words (no formatter-appended "(default: None)")
+    assert "default: None" not in r.stdout
+    top_k = r.stdout.split("  --top-k TOP_K")[1].split("  --top-p")[0]
+    assert top_k.count("default") == 1

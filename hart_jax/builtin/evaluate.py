@@ -72,7 +72,7 @@ def faithfulness(pipe: Any, n: int = 64, *, seed: int = 0, prompt_seed: int = 0,
                         verdicts, np.asarray(images))
 
 
-def grid_with_labels(images: Sequence[np.ndarray], cols: int, scale: int = 1) -> np.ndarray:
+def tile_images(images: Sequence[np.ndarray], cols: int, scale: int = 1) -> np.ndarray:
     """Images tiled row-major into ``cols`` columns with a 2 px gap, upscaled by ``scale``
     (nearest), uint8."""
     imgs = np.asarray(images, np.uint8)

@@ -1,6 +1,6 @@
 """Retrain the built-in default model from nothing: dataset, text encoder, tokenizer, transformer.
 
-    python -m hart_jax.builtin.retrain OUT_DIR [--install] [--docs] [--smoke] [--force]
+    python -m hart_jax.builtin.retrain OUT_DIR [--install] [--docs [DIR]] [--smoke] [--force]
 
 Stages (each prints its wall time; every training stage is ``train.py``'s own loop with the
 presets of ``configs/shapes.py``):
@@ -18,8 +18,9 @@ presets of ``configs/shapes.py``):
 7. ``evaluate``: 64 samples of varied prompts and seeds judged by pixels
    (``hart_jax.builtin.evaluate``), written to ``OUT_DIR/retrain.json``.
 
-``--docs`` writes the reconstruction grid of each tokenizer checkpoint and the sample grid of each
-transformer checkpoint to ``docs/images/builtin/``; ``--install`` replaces the shipped model
+``--docs [DIR]`` writes the reconstruction grid of each tokenizer checkpoint, the sample grid of
+each transformer checkpoint and the demo grid to ``DIR`` (default ``docs/images/builtin/``);
+``--install`` replaces the shipped model
 (``hart_jax/builtin/shapes-32px``) with the new one, atomically; ``--smoke`` runs a few steps of
 each stage on a few images (CI). Errors print one line and exit with status 2.
 """
@@ -74,9 +75,9 @@ def tokenizer_grids(run_dir: Path, out_dir: Path, num: int = 16) -> list[Path]:
     from PIL import Image
 
     from configs.shapes import RESOLUTION
-    from hart_jax.builtin.evaluate import grid_with_labels
+    from hart_jax.builtin.evaluate import tile_images
     from hart_jax.data import shapes
-    from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
+    from hart_jax.models.autoencoder import TokenizerConfig
     from hart_jax.tokenizer import HybridTokenizer
     from hart_jax.train.export import restore_run
 
@@ -96,9 +97,8 @@ def tokenizer_grids(run_dir: Path, out_dir: Path, num: int = 16) -> list[Path]:
         to8 = lambda a: np.clip(np.round((np.asarray(a) + 1) * 127.5), 0, 255).astype(np.uint8)  # noqa: E731
         rows = [imgs, to8(tok.decode(codes.indices)), to8(tok.decode(codes.indices, codes.residual))]
         path = out_dir / f"tokenizer_step{step:05d}.png"
-        Image.fromarray(grid_with_labels(np.concatenate(rows), num, scale=3)).save(path)
+        Image.fromarray(tile_images(np.concatenate(rows), num, scale=3)).save(path)
         written.append(path)
-    del HARTAutoEncoder
     return written
 
 
@@ -109,7 +109,7 @@ def sample_grids(pipe: Any, run_dir: Path, out_dir: Path, num: int = 18, **sampl
 
     import orbax.checkpoint as ocp
 
-    from hart_jax.builtin.evaluate import eval_prompts, grid_with_labels
+    from hart_jax.builtin.evaluate import eval_prompts, tile_images
     from hart_jax.train.export import restore_run
 
     prompts = [p.text for p in eval_prompts(num, GRID_PROMPTS_SEED)]
@@ -121,7 +121,7 @@ def sample_grids(pipe: Any, run_dir: Path, out_dir: Path, num: int = 18, **sampl
             pipe.t2i_vars = pipe._place({"params": state["ema_params"]})
             imgs = pipe(prompts, seed=list(range(num)), batch_size=num, **sampling)
             path = out_dir / f"samples_step{step:05d}.png"
-            Image.fromarray(grid_with_labels(imgs, 6, scale=3)).save(path)
+            Image.fromarray(tile_images(imgs, 6, scale=3)).save(path)
             written.append(path)
     finally:
         pipe.t2i_vars = keep
@@ -132,12 +132,12 @@ def demo_grid(pipe: Any, path: Path, seeds_per_prompt: int = 4, **sampling: Any)
     """The demo prompts (rows) x ``seeds_per_prompt`` seeds (columns), as the README shows."""
     from PIL import Image
 
-    from hart_jax.builtin.evaluate import grid_with_labels
+    from hart_jax.builtin.evaluate import tile_images
     from hart_jax.data import shapes
 
     prompts = [p for p in shapes.PROMPTS for _ in range(seeds_per_prompt)]
     imgs = pipe(prompts, seed=0, batch_size=len(prompts), **sampling)
-    Image.fromarray(grid_with_labels(imgs, len(shapes.PROMPTS) if seeds_per_prompt == 1 else seeds_per_prompt,
+    Image.fromarray(tile_images(imgs, len(shapes.PROMPTS) if seeds_per_prompt == 1 else seeds_per_prompt,
                                      scale=3)).save(path)
     return path
 
@@ -146,7 +146,7 @@ def retrain(
     out_dir: str | os.PathLike,
     *,
     smoke: bool = False,
-    docs: bool = False,
+    docs: str | os.PathLike | None = None,
     install: bool = False,
     force: bool = False,
     log: Callable[[str], None] = print,
@@ -219,14 +219,14 @@ def retrain(
                     "backend": jax.default_backend(), "jax": jax.__version__, "python": platform.python_version()},
     }
     (out / "retrain.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if docs:
-        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-        for p in tokenizer_grids(work / "tokenizer_run", DOCS_IMAGES):
+    if docs is not None:
+        docs = Path(docs)
+        docs.mkdir(parents=True, exist_ok=True)
+        for p in tokenizer_grids(work / "tokenizer_run", docs):
             log(f"wrote {p}")
-        for p in sample_grids(pipe, work / "transformer_run", DOCS_IMAGES, guidance_scale=presets.SAMPLING["cfg"],
-                              **sampling):
+        for p in sample_grids(pipe, work / "transformer_run", docs, guidance_scale=presets.SAMPLING["cfg"], **sampling):
             log(f"wrote {p}")
-        p = demo_grid(pipe, DOCS_IMAGES / "samples_final.png", guidance_scale=presets.SAMPLING["cfg"], **sampling)
+        p = demo_grid(pipe, docs / "samples_final.png", guidance_scale=presets.SAMPLING["cfg"], **sampling)
         log(f"wrote {p}")
     if install:
         assemble_pipeline(DEFAULT_CKPT, {"tokenizer": tok_dir, "transformer": tr_dir, "text_encoder": text_dir},
@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="run directory (data, runs, exported parts, model/, retrain.json)")
     p.add_argument("--install", action="store_true", help="replace the shipped model with the new one")
-    p.add_argument("--docs", action="store_true", help="write per-checkpoint grids to docs/images/builtin/")
+    p.add_argument("--docs", nargs="?", const=str(DOCS_IMAGES), default=None, metavar="DIR",
+                   help="write the per-checkpoint grids and the demo grid to DIR (default: docs/images/builtin/)")
     p.add_argument("--smoke", action="store_true", help="a few steps of every stage on a few images (CI)")
     p.add_argument("--force", action="store_true", help="start again in a non-empty OUT_DIR (deletes it)")
     return p
