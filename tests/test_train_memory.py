@@ -34,13 +34,21 @@ def test_tensor_axis_also_divides():
 
 
 def test_every_training_preset_is_consistent():
-    """Each preset's model, tokenizer and objective fit together (no weights built)."""
+    """Each transformer preset's model, tokenizer and objective fit together, and each tokenizer
+    preset builds its tokenizer (no weights built); the built-in model's presets too."""
+    from configs import shapes
     from configs.train import PRESETS
     from hart_jax.models.autoencoder import TokenizerConfig
     from hart_jax.train.loop import _model_config
 
-    for name in PRESETS:
-        c = get_config(name)
+    presets = [(name, get_config(name)) for name in PRESETS] + [(n, shapes.get_config(n)) for n in shapes.PRESETS]
+    for name, c in presets:
+        if c.get("task", "transformer") == "tokenizer":
+            tk = dict(c.tokenizer)
+            tk["ch_mult"], tk["v_patch_nums"] = tuple(tk["ch_mult"]), tuple(tk["v_patch_nums"])
+            assert TokenizerConfig(**tk).downsample >= 1, name
+            assert c.train.grad_accum == 1, name
+            continue
         tcfg = _model_config(c)
         tk = {k: v for k, v in c.tokenizer.items() if k != "checkpoint"}
         tk["ch_mult"], tk["v_patch_nums"] = tuple(tk["ch_mult"]), tuple(tk["v_patch_nums"])
