@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--name", default="hart_images", help="dataset name (default: hart_images)")
     ap.add_argument("--kind", choices=("t2i", "c2i"), default="t2i",
                     help="t2i (image + caption) or c2i (image + class label)")
+    add_cache_arguments(ap)
+    return ap
+
+
+def add_cache_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments every record-writing CLI shares: split, cached context, cached codes."""
     ap.add_argument("--split", default="train", help="split name (default: train)")
     ap.add_argument("--text-encoder", default=None, help="converted Qwen2 directory: also cache context embeddings")
     ap.add_argument("--tokenizer", default=None, help="converted tokenizer directory: also cache its codes")
@@ -157,7 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=8, help="batch size of the text encoder / tokenizer passes")
     ap.add_argument("--context-dtype", default="float16", choices=("float16", "float32", "bfloat16"),
                     help="dtype of the cached context embeddings")
-    return ap
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -212,14 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resolution", type=int, required=True, help=f"image side in pixels (>= {MIN_RESOLUTION})")
     ap.add_argument("--seed", type=int, default=0, help="dataset seed (example i depends on (seed, i) only)")
     ap.add_argument("--name", default="shapes", help="dataset name (default: shapes)")
-    ap.add_argument("--split", default="train", help="split name (default: train)")
     ap.add_argument("--kind", default="t2i", help="t2i (image + caption) or c2i (image + class label)")
-    ap.add_argument("--text-encoder", default=None, help="converted Qwen2 directory: also cache context embeddings")
-    ap.add_argument("--tokenizer", default=None, help="converted tokenizer directory: also cache its codes")
-    ap.add_argument("--patch-nums", default="", help="comma-separated scales for --tokenizer (default: the tokenizer's)")
-    ap.add_argument("--batch-size", type=int, default=8, help="batch size of the text encoder / tokenizer passes")
-    ap.add_argument("--context-dtype", default="float16", choices=("float16", "float32", "bfloat16"),
-                    help="dtype of the cached context embeddings")
+    from hart_jax.data.make_records import add_cache_arguments
+
+    add_cache_arguments(ap)
     return ap
 
 
