@@ -24,8 +24,9 @@ PRESETS = {
     "shapes_32": dict(
         vocab_size=64,
         z_channels=8,
-        ch=32,
-        ch_mult=(1, 1, 2),
+        ch=16,
+        ch_mult=(1, 2, 2),
+        norm_groups=16,
         num_res_blocks=1,
         v_patch_nums=(1, 2, 3, 4, 6, 8),
         quant_resi=0.5,

@@ -1,5 +1,6 @@
 """HybridTokenizer: shapes, bad input messages, and the training forward (tiny random model)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +106,26 @@ def test_training_forward_skip_probability_and_gradients(tok):
     assert float(jnp.abs(grads["decoder"]["conv_out"]["kernel"]).sum()) > 0
     # straight-through: the encoder receives the reconstruction gradient
     assert float(jnp.abs(grads["encoder"]["conv_in"]["kernel"]).sum()) > 0
+
+
+def test_norm_groups_reach_every_group_norm():
+    """``norm_groups`` sets the groups of every GroupNorm (the release: 32); channel counts
+    that it does not divide are named."""
+    cfg = TokenizerConfig(**{**get_config("tiny"), "ch": 16, "ch_mult": (1, 2), "norm_groups": 8})
+    model = HARTAutoEncoder(cfg)
+    img = jnp.zeros((1, 12, 12, 3))  # latent 6x6 = the last scale
+    variables = model.init(jax.random.PRNGKey(0), img)
+    assert model.apply(variables, img, cfg.v_patch_nums, 0.0)["out"].shape == (1, 12, 12, 3)
+    groups = []
+
+    def spy(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.GroupNorm):
+            groups.append(context.module.num_groups)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(spy):
+        model.apply(variables, img, cfg.v_patch_nums, 0.0)
+    assert groups and set(groups) == {8}
+    assert TokenizerConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    with pytest.raises(ValueError, match="must be multiples of norm_groups=32"):
+        TokenizerConfig(**{**get_config("tiny"), "ch": 16})

@@ -141,3 +141,52 @@ def test_bad_configs_are_named():
         T2IConfig(context_token=0)
     with pytest.raises(ValueError, match="sep_aln_pooling_mode"):
         T2IConfig(sep_aln_pooling_mode="sum")
+    with pytest.raises(ValueError, match="rope_2d must be one of"):
+        T2IConfig(rope_2d="sideways")
+
+
+def _rope_scores(layout: str, shift: float, hd: int = 16) -> np.ndarray:
+    """q.k after 2-D RoPE between every pair of a 3x3 grid, all positions shifted by ``shift``."""
+    from hart_jax.layers.rope import apply_rope, grid_positions, rope_2d
+
+    pos = jnp.asarray(grid_positions([3], 8))[None] + shift
+    cos, sin = rope_2d(pos, hd, 100.0, layout)
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 9, 1, hd))
+    k = jax.random.normal(jax.random.PRNGKey(1), (1, 9, 1, hd))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return np.asarray(jnp.einsum("bqhd,bkhd->qk", q, k))
+
+
+def test_rope_2d_rotation_is_relative_and_the_release_layout_is_reproduced():
+    """"rotation": scores depend on relative positions only (a common shift changes nothing) and
+    norms are kept; "hart" (the release's) is not a rotation: the same shift changes scores."""
+    from hart_jax.layers.rope import apply_rope, rope_2d
+
+    np.testing.assert_allclose(_rope_scores("rotation", 0.0), _rope_scores("rotation", 5.0), atol=1e-4)
+    assert np.abs(_rope_scores("hart", 0.0) - _rope_scores("hart", 5.0)).max() > 1e-2
+    x = jax.random.normal(jax.random.PRNGKey(2), (1, 4, 2, 16))
+    pos = jax.random.uniform(jax.random.PRNGKey(3), (1, 4, 2), maxval=8.0)
+    y = apply_rope(x, *rope_2d(pos, 16, 10000.0, "rotation"))
+    np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+    # the release's angle layout, element by element: [r f, r f, c f, c f]
+    cos, _ = rope_2d(pos, 16, 10000.0, "hart")
+    f = 1.0 / 10000.0 ** (np.arange(0, 16, 4) / 16)
+    r, c = np.asarray(pos[0, :, 0:1]) * f, np.asarray(pos[0, :, 1:2]) * f
+    np.testing.assert_allclose(cos[0], np.cos(np.concatenate([r, r, c, c], -1)), atol=1e-6)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        rope_2d(pos, 16, 10000.0, "diagonal")
+
+
+def test_rope_fields_in_config_dicts():
+    """A dict without ``rope_2d`` (the release's, or written before the field) reads as the
+    release's layout; a model trained here round-trips its layout and base."""
+    d = T2IConfig(**t2i_config("tiny")).to_hf_dict()
+    del d["rope_2d"], d["rope_theta"]
+    cfg = T2IConfig.from_hf_dict(d, vocab_size=640, z_channels=8)
+    assert cfg.rope_2d == "hart" and cfg.rope_theta == 10000.0
+    assert T2IConfig().rope_2d == "rotation"  # the default for new models
+    mine = T2IConfig(**t2i_config("shapes_32"))
+    back = T2IConfig.from_hf_dict(mine.to_hf_dict(), vocab_size=mine.vocab_size, z_channels=mine.z_channels)
+    assert back == mine and back.rope_2d == "rotation" and back.rope_theta == 100.0
+    for name in ("hart_0p7b_1024", "hart_c2i_d20", "tiny"):
+        assert t2i_config(name).rope_2d == "hart", name  # presets that mirror the release

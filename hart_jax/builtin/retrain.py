@@ -19,7 +19,8 @@ presets of ``configs/shapes.py``):
    (``hart_jax.builtin.evaluate``), written to ``OUT_DIR/retrain.json``.
 
 ``--docs [DIR]`` writes the reconstruction grid of each tokenizer checkpoint, the sample grid of
-each transformer checkpoint and the demo grid to ``DIR`` (default ``docs/images/builtin/``);
+each transformer checkpoint and the demo grid to ``DIR`` (default ``docs/images/builtin/``),
+replacing the per-checkpoint grids of an earlier run there;
 ``--install`` replaces the shipped model
 (``hart_jax/builtin/shapes-32px``) with the new one, atomically; ``--smoke`` runs a few steps of
 each stage on a few images (CI). Errors print one line and exit with status 2.
@@ -222,6 +223,8 @@ def retrain(
     if docs is not None:
         docs = Path(docs)
         docs.mkdir(parents=True, exist_ok=True)
+        for stale in [*docs.glob("tokenizer_step*.png"), *docs.glob("samples_step*.png")]:
+            stale.unlink()  # grids of an earlier run's checkpoints
         for p in tokenizer_grids(work / "tokenizer_run", docs):
             log(f"wrote {p}")
         for p in sample_grids(pipe, work / "transformer_run", docs, guidance_scale=presets.SAMPLING["cfg"], **sampling):

@@ -19,10 +19,10 @@ Dtype = Any
 PrecisionLike = Any
 
 
-def group_norm(name: str | None = None) -> nn.GroupNorm:
-    """GroupNorm(32 groups, eps 1e-6, affine), two-pass variance as PyTorch."""
+def group_norm(name: str | None = None, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm(``groups`` groups (the release: 32), eps 1e-6, affine), two-pass variance as PyTorch."""
     return nn.GroupNorm(
-        num_groups=32, epsilon=1e-6, use_fast_variance=False, dtype=jnp.float32, name=name
+        num_groups=groups, epsilon=1e-6, use_fast_variance=False, dtype=jnp.float32, name=name
     )
 
 
@@ -59,12 +59,13 @@ class ResnetBlock(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
+    groups: int = 32
 
     def setup(self) -> None:
         kw = dict(dtype=self.dtype, precision=self.precision)
-        self.norm1 = group_norm()
+        self.norm1 = group_norm(groups=self.groups)
         self.conv1 = conv(self.out_channels, 3, **kw)
-        self.norm2 = group_norm()
+        self.norm2 = group_norm(groups=self.groups)
         self.conv2 = conv(self.out_channels, 3, **kw)
         self.drop = nn.Dropout(self.dropout)
         if self.in_channels != self.out_channels:
@@ -85,10 +86,11 @@ class AttnBlock(nn.Module):
     channels: int
     dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
+    groups: int = 32
 
     def setup(self) -> None:
         kw = dict(dtype=self.dtype, precision=self.precision)
-        self.norm = group_norm()
+        self.norm = group_norm(groups=self.groups)
         self.qkv = conv(3 * self.channels, 1, **kw)
         self.proj_out = conv(self.channels, 1, **kw)
 

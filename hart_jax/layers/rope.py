@@ -1,9 +1,14 @@
 """Rotary position embeddings of HART: 1-D for text tokens, HART's 2-D for image tokens.
 
-Both use HF-Llama's rotate-half pairing (dim k with k + D/2). The 2-D variant lays
-the angles out as ``[row*f, row*f, col*f, col*f]`` (four blocks of D/4), so the two
-members of a rotation pair get different angles (row vs column). This is the
-reference's behaviour and is reproduced verbatim.
+Both use HF-Llama's rotate-half pairing (dim k with k + D/2). The 2-D variant has two
+layouts (``ROPE_2D_LAYOUTS``):
+  ``"hart"``      the release's ``[row*f, row*f, col*f, col*f]`` (four blocks of D/4): the two
+                  members of a rotation pair get different angles (row vs column), so it is
+                  not a rotation and attention scores depend on absolute positions. Reproduced
+                  verbatim for the release's weights.
+  ``"rotation"``  ``[row*f, col*f, row*f, col*f]``: each pair turns by one angle, half the
+                  pairs by the row, half by the column (a true 2-D RoPE; scores depend on
+                  relative positions only). The default for models trained here.
 
 Dimensions: B batch, L tokens, H heads, D head dim, F = D/4 (2-D) or D/2 (1-D).
 """
@@ -15,6 +20,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+ROPE_2D_LAYOUTS = ("hart", "rotation")
 
 
 def inv_freq(head_dim: int, step: int, base: float = 10000.0) -> np.ndarray:
@@ -31,13 +39,17 @@ def rope_1d(pos_BL: jax.Array, head_dim: int, base: float = 10000.0) -> tuple[ja
     return jnp.cos(ang), jnp.sin(ang)
 
 
-def rope_2d(pos_BL2: jax.Array, head_dim: int, base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
-    """cos/sin ``[B, L, D]`` of 2-D positions (row, col): ``[r*f, r*f, c*f, c*f]``."""
+def rope_2d(pos_BL2: jax.Array, head_dim: int, base: float = 10000.0,
+            layout: str = "hart") -> tuple[jax.Array, jax.Array]:
+    """cos/sin ``[B, L, D]`` of 2-D positions (row, col): ``[r*f, r*f, c*f, c*f]`` (``"hart"``)
+    or ``[r*f, c*f, r*f, c*f]`` (``"rotation"``)."""
+    if layout not in ROPE_2D_LAYOUTS:
+        raise ValueError(f"rope_2d layout must be one of {ROPE_2D_LAYOUTS}, got {layout!r}")
     f = jnp.asarray(inv_freq(head_dim, 4, base))
     pos = pos_BL2.astype(jnp.float32)
     r = pos[..., 0:1] * f
     c = pos[..., 1:2] * f
-    ang = jnp.concatenate([r, r, c, c], axis=-1)
+    ang = jnp.concatenate([r, r, c, c] if layout == "hart" else [r, c, r, c], axis=-1)
     return jnp.cos(ang), jnp.sin(ang)
 
 

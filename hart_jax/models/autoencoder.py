@@ -48,6 +48,7 @@ class TokenizerConfig:
     quantizer_type: str = "var_hybrid"
     double_decoder: bool = False
     in_channels: int = 3
+    norm_groups: int = 32  # GroupNorm groups of every block (the release: 32)
 
     MODEL_TYPES = ("hart_autoencoder", "hart_autoencoder_with_disc")
     QUANTIZER_TYPES = ("var_hybrid", "var")
@@ -60,8 +61,9 @@ class TokenizerConfig:
             )
         if self.using_znorm:
             raise ValueError("using_znorm=True is not supported: HART's hybrid quantizer uses L2")
-        if self.ch % 32 or any((self.ch * m) % 32 for m in self.ch_mult):
-            raise ValueError(f"ch={self.ch} x ch_mult={self.ch_mult} must be multiples of 32 (GroupNorm)")
+        g = self.norm_groups
+        if g < 1 or self.ch % g or any((self.ch * m) % g for m in self.ch_mult):
+            raise ValueError(f"ch={self.ch} x ch_mult={self.ch_mult} must be multiples of norm_groups={g} (GroupNorm)")
 
     @property
     def downsample(self) -> int:
@@ -107,13 +109,14 @@ class _Level(nn.Module):
     dropout: float
     dtype: Dtype
     precision: PrecisionLike
+    groups: int = 32
 
     def setup(self) -> None:
         kw = dict(dtype=self.dtype, precision=self.precision)
         ins = [self.in_channels] + [self.out_channels] * (self.num_blocks - 1)
-        self.block = [ResnetBlock(i, self.out_channels, self.dropout, **kw) for i in ins]
+        self.block = [ResnetBlock(i, self.out_channels, self.dropout, groups=self.groups, **kw) for i in ins]
         if self.with_attn:
-            self.attn = [AttnBlock(self.out_channels, **kw) for _ in range(self.num_blocks)]
+            self.attn = [AttnBlock(self.out_channels, groups=self.groups, **kw) for _ in range(self.num_blocks)]
         if self.resample == "down":
             self.downsample = Downsample2x(self.out_channels, **kw)
         elif self.resample == "up":
@@ -136,9 +139,10 @@ class _Mid(nn.Module):
     dropout: float
     dtype: Dtype
     precision: PrecisionLike
+    groups: int = 32
 
     def setup(self) -> None:
-        kw = dict(dtype=self.dtype, precision=self.precision)
+        kw = dict(dtype=self.dtype, precision=self.precision, groups=self.groups)
         self.block_1 = ResnetBlock(self.channels, self.channels, self.dropout, **kw)
         self.attn_1 = AttnBlock(self.channels, **kw)
         self.block_2 = ResnetBlock(self.channels, self.channels, self.dropout, **kw)
@@ -162,11 +166,11 @@ class Encoder(nn.Module):
         ins = [cfg.ch] + chs[:-1]
         self.down = [
             _Level(ins[l], chs[l], cfg.num_res_blocks, l == n - 1,
-                   "down" if l != n - 1 else None, cfg.dropout, **kw)
+                   "down" if l != n - 1 else None, cfg.dropout, groups=cfg.norm_groups, **kw)
             for l in range(n)
         ]
-        self.mid = _Mid(chs[-1], cfg.dropout, **kw)
-        self.norm_out = group_norm()
+        self.mid = _Mid(chs[-1], cfg.dropout, groups=cfg.norm_groups, **kw)
+        self.norm_out = group_norm(groups=cfg.norm_groups)
         self.conv_out = conv(cfg.z_channels, 3, **kw)
 
     def __call__(self, img_BHWC: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -189,15 +193,15 @@ class Decoder(nn.Module):
         chs = _level_channels(cfg)
         n = len(chs)
         self.conv_in = conv(chs[-1], 3, **kw)
-        self.mid = _Mid(chs[-1], cfg.dropout, **kw)
+        self.mid = _Mid(chs[-1], cfg.dropout, groups=cfg.norm_groups, **kw)
         # ``up[l]`` is resolution level l (0 = full size); executed from n-1 down to 0.
         ins = [chs[l + 1] if l < n - 1 else chs[-1] for l in range(n)]
         self.up = [
             _Level(ins[l], chs[l], cfg.num_res_blocks + 1, l == n - 1,
-                   "up" if l != 0 else None, cfg.dropout, **kw)
+                   "up" if l != 0 else None, cfg.dropout, groups=cfg.norm_groups, **kw)
             for l in range(n)
         ]
-        self.norm_out = group_norm()
+        self.norm_out = group_norm(groups=cfg.norm_groups)
         self.conv_out = conv(cfg.in_channels, 3, **kw)
 
     def __call__(self, z_BHWC: jax.Array, deterministic: bool = True) -> jax.Array:

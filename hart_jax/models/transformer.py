@@ -28,7 +28,7 @@ import numpy as np
 from hart_jax.attention import attention, cache_attention
 from hart_jax.layers.embeddings import TimestepEmbedder
 from hart_jax.layers.norms import RMSNorm
-from hart_jax.layers.rope import apply_rope, grid_positions, rope_1d, rope_2d
+from hart_jax.layers.rope import ROPE_2D_LAYOUTS, apply_rope, grid_positions, rope_1d, rope_2d
 from hart_jax.models.autoencoder import PATCH_NUMS_1024
 from hart_jax.models.diffusion_head import DiffLoss
 
@@ -73,6 +73,12 @@ class T2IConfig:
     z_channels: int = 32
     num_classes: int = 0
     attention_impl: str = "auto"
+    # 2-D RoPE layout of image tokens (``hart_jax.layers.rope``): "rotation" (a true rotation,
+    # the default for models trained here) or "hart" (the release's non-rotation, kept for its
+    # weights; ``from_hf_dict`` picks it for dicts that do not name a layout). ``rope_theta``:
+    # the RoPE base of text and image tokens (the release: 10000).
+    rope_2d: str = "rotation"
+    rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -88,6 +94,10 @@ class T2IConfig:
             problems.append("the class-conditional variant needs num_classes > 0 and disable_aln=False")
         if self.sampler != "iddpm":
             problems.append(f"sampler={self.sampler!r} is not supported (only 'iddpm')")
+        if self.rope_2d not in ROPE_2D_LAYOUTS:
+            problems.append(f"rope_2d must be one of {ROPE_2D_LAYOUTS}, got {self.rope_2d!r}")
+        if not self.rope_theta > 1.0:
+            problems.append(f"rope_theta must be > 1, got {self.rope_theta!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -151,7 +161,9 @@ class T2IConfig:
     def from_hf_dict(
         cls, d: Mapping[str, Any], *, vocab_size: int, z_channels: int, source: str = "config.json", **overrides: Any
     ) -> "T2IConfig":
-        """Build from a release ``llm/config.json`` dict; unknown fields are ignored."""
+        """Build from a release ``llm/config.json`` dict; unknown fields are ignored. A dict
+        without ``rope_2d`` (the release's, or one written before the field existed) gets the
+        release's layout ``"hart"``."""
         mt = d.get("model_type")
         if mt not in cls.MODEL_TYPES:
             raise ValueError(f"{source}: model_type={mt!r} is not a HART transformer (expected one of {cls.MODEL_TYPES})")
@@ -162,6 +174,7 @@ class T2IConfig:
         if mt == "hart_transformer_c2i":
             kw["context_token"] = 0
         kw["num_sampling_steps"] = str(kw.get("num_sampling_steps", "8"))
+        kw.setdefault("rope_2d", "hart")
         kw.update(vocab_size=vocab_size, z_channels=z_channels, **overrides)
         try:
             return cls(**kw)
@@ -492,11 +505,11 @@ class HARTTransformer(nn.Module):
         hd = cfg.head_dim
         if cfg.is_c2i:
             pos = jnp.concatenate([jnp.zeros((b, cfg.first_l, 2), jnp.float32), vis_pos], 1)
-            cos, sin = rope_2d(pos, hd)
+            cos, sin = rope_2d(pos, hd, cfg.rope_theta, cfg.rope_2d)
         else:
             vis_pos = vis_pos + context_position_ids[:, -1].astype(jnp.float32)[:, None, None]
-            c1, s1 = rope_1d(context_position_ids, hd)
-            c2, s2 = rope_2d(vis_pos, hd)
+            c1, s1 = rope_1d(context_position_ids, hd, cfg.rope_theta)
+            c2, s2 = rope_2d(vis_pos, hd, cfg.rope_theta, cfg.rope_2d)
             cos, sin = jnp.concatenate([c1, c2], 1), jnp.concatenate([s1, s2], 1)
         levels_BL = jnp.broadcast_to(levels[None], (b, levels.shape[0]))
         x = x.astype(self.dtype)
@@ -529,12 +542,12 @@ class HARTTransformer(nn.Module):
         hd = cfg.head_dim
         if cfg.is_c2i:
             pos = self._visual_positions(cfg.patch_nums[si : si + 1], None)
-            cos, sin = rope_2d(jnp.broadcast_to(pos, (b,) + pos.shape[1:]), hd)
+            cos, sin = rope_2d(jnp.broadcast_to(pos, (b,) + pos.shape[1:]), hd, cfg.rope_theta, cfg.rope_2d)
         elif si == 0:
-            cos, sin = rope_1d(context_position_ids, hd)
+            cos, sin = rope_1d(context_position_ids, hd, cfg.rope_theta)
         else:
             pos = self._visual_positions(cfg.patch_nums[si : si + 1], context_position_ids[:, -1])
-            cos, sin = rope_2d(pos, hd)
+            cos, sin = rope_2d(pos, hd, cfg.rope_theta, cfg.rope_2d)
         x = x_BlC.astype(self.dtype)
         if isinstance(caches, tuple):
             blk = Block(cfg, self.dtype, self.precision, parent=None)

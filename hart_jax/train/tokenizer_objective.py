@@ -21,7 +21,9 @@ real then fake, as taming's two calls do).
 
 The gradient costs one forward and one full backward of the autoencoder: ``jax.vjp``
 of ``params -> (out, vq_loss)`` is pulled back once with the combined cotangent, and
-twice more for lambda with only the last conv's kernel kept (XLA drops the rest).
+twice more for lambda with only the last conv's kernel kept (XLA drops the rest). Before
+``disc_start`` the adversarial branch (discriminator forward / backward, lambda) is skipped
+by a ``lax.cond`` and the discriminator's own update likewise (``tokenizer_step``).
 """
 
 from __future__ import annotations
@@ -164,7 +166,8 @@ def generator_grads(
 
     ``key`` feeds the ``"quantize"`` stream (the path draw); ``active`` (bool []) is
     ``step >= disc_start``: without it the gradient is exactly that of
-    ``nll + vq_weight * vq``. ``frozen`` holds the perceptual network's params.
+    ``nll + vq_weight * vq`` and the discriminator is not run at all (``lax.cond``; the
+    adversarial metrics ``g``, ``adaptive_lambda``, ``logits_fake`` read 0). ``frozen`` holds the perceptual network's params.
     Returns ``(grads, sg(out) [B, Hi, Wi, 3], metrics)``.
     """
     pn = tuple(patch_nums)
@@ -187,20 +190,28 @@ def generator_grads(
         return generator_adv_loss(logits, lcfg.disc_loss), logits
 
     (nll, (rec, perc)), d_nll = jax.value_and_grad(nll_fn, has_aux=True)(out)
-    (g, logits_fake), d_g = jax.value_and_grad(g_fn, has_aux=True)(out)
     no_vq = jnp.zeros_like(vq)
-    if lcfg.adaptive_weight:
-        nll_last = last_layer(pullback((d_nll, no_vq))[0])
-        g_last = last_layer(pullback((d_g, no_vq))[0])
-        lam = adaptive_weight(nll_last, g_last, lcfg.disc_weight)
-    else:
-        lam = jnp.asarray(lcfg.disc_weight, jnp.float32)
-    d_out = jnp.where(active, d_nll + lam * d_g, d_nll)
+
+    def adversarial(_):
+        (g, logits_fake), d_g = jax.value_and_grad(g_fn, has_aux=True)(out)
+        if lcfg.adaptive_weight:
+            nll_last = last_layer(pullback((d_nll, no_vq))[0])
+            g_last = last_layer(pullback((d_g, no_vq))[0])
+            lam = adaptive_weight(nll_last, g_last, lcfg.disc_weight)
+        else:
+            lam = jnp.asarray(lcfg.disc_weight, jnp.float32)
+        return d_nll + lam * d_g, g, lam, jnp.mean(logits_fake)
+
+    def warm_up(_):  # before disc_start nothing of the discriminator runs
+        z = jnp.zeros((), jnp.float32)
+        return d_nll, z, z, z
+
+    d_out, g, lam, logits_fake = jax.lax.cond(active, adversarial, warm_up, None)
     (grads,) = pullback((d_out, jnp.asarray(lcfg.vq_weight, vq.dtype)))
-    loss = nll + lcfg.vq_weight * vq + jnp.where(active, lam * g, 0.0)
+    loss = nll + lcfg.vq_weight * vq + lam * g
     metrics = dict(
         loss=loss, rec=rec, perceptual=perc, vq=vq, nll=nll, g=g, adaptive_lambda=lam,
-        disc_active=active.astype(jnp.float32), logits_fake=jnp.mean(logits_fake),
+        disc_active=active.astype(jnp.float32), logits_fake=logits_fake,
         psnr=psnr(out, x_BHWC), continuous=cont.astype(jnp.float32),
         **codebook_stats(idx, model.cfg.vocab_size),
     )

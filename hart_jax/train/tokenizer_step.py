@@ -8,7 +8,9 @@ network's params (``{}`` without one). Per step, with ``key = fold_in(rng, step)
   1. generator: ``tokenizer_objective.generator_grads`` (path draw from ``fold_in(key, 0)``),
      frozen leaves masked, AdamW (``optim``), EMA of the trainable leaves;
   2. discriminator on ``(x, sg(out))`` of the same forward, AdamW (``disc_optim``); before
-     ``disc_start`` its params, batch stats and optimizer state are kept as they were;
+     ``disc_start`` its params, batch stats and optimizer state are kept as they were and
+     neither it nor the adversarial term is computed (``lax.cond``: warm-up steps cost what
+     an autoencoder-only step costs);
   3. a NaN/inf generator loss or gradient norm (or, once active, discriminator loss or
      gradient norm) returns the input state unchanged with ``metrics["finite"] == 0``.
 
@@ -72,18 +74,24 @@ def tokenizer_step_fn(
     ema = ema_update_trainable(state.ema_params, params, ema_decay, labels)
     grad_norm = optax.tree.norm(grads)
 
-    dgrads, dstats, dm = discriminator_grads(state.disc_params, state.disc_batch_stats, x, fake, disc=disc, lcfg=lcfg)
-    dupdates, dopt = disc_tx.update(dgrads, state.disc_opt_state, state.disc_params)
-    dparams = optax.apply_updates(state.disc_params, dupdates)
-    d_grad_norm = optax.tree.norm(dgrads)
+    def disc_update(_):
+        dgrads, dstats, dm = discriminator_grads(state.disc_params, state.disc_batch_stats, x, fake, disc=disc,
+                                                 lcfg=lcfg)
+        dupdates, dopt = disc_tx.update(dgrads, state.disc_opt_state, state.disc_params)
+        return optax.apply_updates(state.disc_params, dupdates), dstats, dopt, dm, optax.tree.norm(dgrads)
+
+    def disc_hold(_):  # before disc_start: kept as they were, and not computed
+        z = jnp.zeros((), jnp.float32)
+        return (state.disc_params, state.disc_batch_stats, state.disc_opt_state,
+                dict(d=z, logits_real=z, logits_fake_d=z), z)
+
+    dparams, dstats, dopt, dm, d_grad_norm = jax.lax.cond(active, disc_update, disc_hold, None)
 
     finite = jnp.isfinite(gm["loss"]) & jnp.isfinite(grad_norm)
     finite &= ~active | (jnp.isfinite(dm["d"]) & jnp.isfinite(d_grad_norm))
     new = TokenizerTrainState(
         step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-        disc_params=_select(active, dparams, state.disc_params),
-        disc_batch_stats=_select(active, dstats, state.disc_batch_stats),
-        disc_opt_state=_select(active, dopt, state.disc_opt_state), rng=state.rng,
+        disc_params=dparams, disc_batch_stats=dstats, disc_opt_state=dopt, rng=state.rng,
     )
     out = _select(finite, new, state)
     metrics = dict(
