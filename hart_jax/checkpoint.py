@@ -12,7 +12,9 @@ Layout of a directory written by ``save_converted``::
 Everything is first written to a temporary sibling directory and renamed into
 place, so an interrupted conversion never leaves a directory that looks complete;
 an existing directory is replaced only with ``force=True`` (and is kept until the
-new one is complete).
+new one is complete). The temporary directory is named ``.<name>.tmp-<pid>-<host>-<random>``:
+a later write of the same output removes those its host's dead processes left behind
+(a writer killed mid-way), never one of a live process or of another host.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -47,15 +51,58 @@ def _pytree_checkpointer():
     return ocp.PyTreeCheckpointer()
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out_dir`` to fill; on success it replaces
-    ``out_dir`` (the old one is kept until then), on any error it is removed."""
+def check_output(out_dir: str | os.PathLike, force: bool = False) -> None:
+    """Refuse an existing ``out_dir`` unless ``force`` (checked before any work starts)."""
     out = Path(out_dir).absolute()
     if out.exists() and not force:
         raise CheckpointError(f"{out}: already exists; pass --force (force=True) to replace it")
+
+
+def _host_tag() -> str:
+    """This machine's name as it appears in temporary directory names."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _temp_prefix(out: Path) -> str:
+    """Name prefix of this process's temporary directories for ``out``."""
+    return f".{out.name}.tmp-{os.getpid()}-{_host_tag()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        pass
+    return True
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporary directories of ``out_dir`` left by dead writers on this host;
+    return them. Names without a pid (older versions) or of another host are kept."""
+    out = Path(out_dir).absolute()
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-(\d+)-{re.escape(_host_tag())}-[^-]+")
+    removed = []
+    for p in sorted(out.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out_dir`` to fill; on success it replaces
+    ``out_dir`` (the old one is kept until then), on any error it is removed.
+    Stale temporaries of ``out_dir`` (``remove_stale_temporaries``) are removed first."""
+    out = Path(out_dir).absolute()
+    check_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
         yield tmp

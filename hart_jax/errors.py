@@ -1,8 +1,11 @@
-"""Exceptions with messages that name the problem (file, key, expected value)."""
+"""Exceptions with messages that name the problem (file, key, expected value), and the
+command lines' helpers that report them (and usage errors) as one line with status 2."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import argparse
+import sys
+from typing import Callable, NoReturn, Sequence
 
 
 class HartError(Exception):
@@ -33,3 +36,22 @@ class ConversionError(HartError):
             if len(items) > limit:
                 lines.append(f"    ... and {len(items) - limit} more")
         return cls("\n".join(lines), problems)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose argument errors print one ``error: ...`` line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``error: <message>`` (no usage block) and exit with status 2."""
+        self.exit(2, f"error: {message}\n")
+
+
+def run_command(action: Callable[[], str]) -> int:
+    """Run ``action`` and print its result (status 0), or a ``HartError`` as one
+    ``error: ...`` line on stderr (status 2)."""
+    try:
+        print(action())
+    except HartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

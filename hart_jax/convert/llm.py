@@ -154,6 +154,8 @@ def convert_llm(
     **overrides: Any,
 ) -> tuple[T2IConfig, dict[str, Any]]:
     """Read a release ``llm/`` directory; return ``(config, {"params": ...})``."""
+    if not Path(src_dir).is_dir():
+        raise CheckpointError(f"{src_dir}: not a directory")
     wfile = Path(weights) if weights else pick_llm_weights(src_dir, use_ema)
     state = load_state_dict(wfile)
     cfg = load_llm_config(src_dir, state, **overrides)
@@ -171,10 +173,9 @@ def save_llm(
     """Convert ``src_dir``, check the result runs, write it atomically to ``out_dir``."""
     import numpy as np
 
-    from hart_jax.checkpoint import load_converted, save_converted
+    from hart_jax.checkpoint import check_output, load_converted, save_converted
 
-    if Path(out_dir).exists() and not force:
-        raise CheckpointError(f"{Path(out_dir).absolute()}: already exists; pass --force to replace it")
+    check_output(out_dir, force)
     cfg, variables = convert_llm(src_dir, weights, use_ema=use_ema)
     model = HARTTransformer(cfg)
     logits, _ = jax.jit(model.apply)(variables, *init_inputs(cfg))

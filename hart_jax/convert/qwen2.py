@@ -16,7 +16,8 @@ release's SHA-256), ``prompt.json`` and the tokenizer files of the source.
 
 Command line::
 
-    python -m hart_jax.convert.qwen2 SRC_DIR OUT_DIR --prefix-from hart/utils/constants.py
+    python -m hart_jax.convert qwen2 SRC_DIR OUT_DIR --prefix-from hart/utils/constants.py
+    python -m hart_jax.convert.qwen2 SRC_DIR OUT_DIR ...   (the same)
 """
 
 from __future__ import annotations
@@ -28,16 +29,17 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
-from hart_jax.checkpoint import load_converted, save_converted
+from hart_jax.checkpoint import check_output, load_converted, save_converted
 from hart_jax.convert.table import Rule, apply_table, dense_rules, norm_rules
 from hart_jax.convert.torch_io import _to_numpy, find_weight_file, load_state_dict, read_config, read_json
-from hart_jax.errors import CheckpointError, HartError
+from hart_jax.errors import CheckpointError, OneLineArgumentParser, run_command
 from hart_jax.models.text_encoder import Qwen2Config, abstract_variables
 
 KIND = "text_encoder"
@@ -317,6 +319,8 @@ def read_prompt_prefix(
 def tokenizer_files(tokenizer_dir: str | os.PathLike) -> dict[str, bytes]:
     """The tokenizer files present in ``tokenizer_dir`` (name -> bytes); errors if none."""
     d = Path(tokenizer_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a directory")
     files = {n: (d / n).read_bytes() for n in TOKENIZER_FILES if (d / n).is_file()}
     if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= set(files):
         raise CheckpointError(
@@ -363,6 +367,56 @@ def save_text_encoder(
     return save_converted(out_dir, host, cfg.to_hf_dict(), kind=KIND, source=source, extra_files=extra, force=force)
 
 
+class TextEncoderInputs(NamedTuple):
+    """The checked inputs of a text encoder conversion."""
+
+    config: Qwen2Config
+    prefix: str
+    tokenizer_dir: Path
+
+
+def check_inputs(
+    src_dir: str | os.PathLike,
+    *,
+    prefix_source: str | os.PathLike | None = None,
+    allow_prefix_mismatch: bool = False,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> TextEncoderInputs:
+    """Check source directory, config, weight files, tokenizer files and prefix (hash)
+    before the long conversion; every failure is a one-line ``CheckpointError``."""
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory")
+    cfg = load_qwen2_config(src)
+    weight_files(src)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else src
+    tokenizer_files(tok_dir)
+    prefix = read_prompt_prefix(prefix_source, allow_mismatch=allow_prefix_mismatch)
+    return TextEncoderInputs(cfg, prefix, tok_dir)
+
+
+def save_checked(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    inputs: TextEncoderInputs,
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    force: bool = False,
+) -> Path:
+    """Convert ``src_dir`` (inputs already checked by ``check_inputs``) and save it to ``out_dir``."""
+    _, variables = convert_qwen2(src_dir)
+    return save_text_encoder(
+        out_dir,
+        inputs.config,
+        variables["params"],
+        prefix=inputs.prefix,
+        tokenizer_dir=inputs.tokenizer_dir,
+        max_length=max_length,
+        source=str(Path(src_dir).absolute()),
+        force=force,
+    )
+
+
 def convert_and_save(
     src_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -373,21 +427,12 @@ def convert_and_save(
     max_length: int = DEFAULT_MAX_LENGTH,
     force: bool = False,
 ) -> Path:
-    """Read the prefix (hash-checked), convert ``src_dir`` and save to ``out_dir``."""
-    prefix = read_prompt_prefix(prefix_source, allow_mismatch=allow_prefix_mismatch)
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else Path(src_dir)
-    tokenizer_files(tok_dir)  # fail before the (long) conversion
-    cfg, variables = convert_qwen2(src_dir)
-    return save_text_encoder(
-        out_dir,
-        cfg,
-        variables["params"],
-        prefix=prefix,
-        tokenizer_dir=tok_dir,
-        max_length=max_length,
-        source=str(Path(src_dir).absolute()),
-        force=force,
+    """Check every input and the output, then convert ``src_dir`` and save to ``out_dir``."""
+    inputs = check_inputs(
+        src_dir, prefix_source=prefix_source, allow_prefix_mismatch=allow_prefix_mismatch, tokenizer_dir=tokenizer_dir
     )
+    check_output(out_dir, force)
+    return save_checked(src_dir, out_dir, inputs, max_length=max_length, force=force)
 
 
 def load_text_encoder(ckpt_dir: str | os.PathLike) -> tuple[Qwen2Config, dict[str, Any], str, dict[str, Any]]:
@@ -412,11 +457,10 @@ def load_text_encoder(ckpt_dir: str | os.PathLike) -> tuple[Qwen2Config, dict[st
 
 
 # ----------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> None:
-    """Convert a Qwen2 / Qwen2-VL directory into a hart-jax text encoder directory."""
-    ap = argparse.ArgumentParser(prog="python -m hart_jax.convert.qwen2", description=main.__doc__)
-    ap.add_argument("src_dir", help="Qwen2 / Qwen2-VL checkpoint directory (config.json, weights, tokenizer)")
-    ap.add_argument("out_dir", help="converted directory to write")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The converter's arguments (``python -m hart_jax.convert qwen2`` and this module's CLI)."""
+    ap.add_argument("src", help="Qwen2 / Qwen2-VL checkpoint directory (config.json, weights, tokenizer)")
+    ap.add_argument("out", help="converted directory to write")
     ap.add_argument(
         "--prefix-from",
         default=None,
@@ -428,24 +472,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="accept a prefix whose SHA-256 differs from the release's",
     )
-    ap.add_argument("--tokenizer-dir", default=None, help="tokenizer files (default: SRC_DIR)")
+    ap.add_argument("--tokenizer-dir", default=None, help="tokenizer files (default: SRC)")
     ap.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="prompt tokens (HART: 300)")
-    ap.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
-    a = ap.parse_args(argv)
-    try:
-        out = convert_and_save(
-            a.src_dir,
-            a.out_dir,
-            prefix_source=a.prefix_from,
-            allow_prefix_mismatch=a.allow_prefix_mismatch,
-            tokenizer_dir=a.tokenizer_dir,
-            max_length=a.max_length,
-            force=a.force,
-        )
-    except HartError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"wrote {out}")
+    ap.add_argument("--force", action="store_true", help="replace an existing OUT")
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Convert as the parsed ``add_arguments`` ask; return the output directory."""
+    return convert_and_save(
+        args.src,
+        args.out,
+        prefix_source=args.prefix_from,
+        allow_prefix_mismatch=args.allow_prefix_mismatch,
+        tokenizer_dir=args.tokenizer_dir,
+        max_length=args.max_length,
+        force=args.force,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Convert a Qwen2 / Qwen2-VL directory into a hart-jax text encoder directory
+    (the same as ``python -m hart_jax.convert qwen2``); returns the exit status."""
+    ap = OneLineArgumentParser(prog="python -m hart_jax.convert.qwen2", description=main.__doc__)
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    return run_command(lambda: f"wrote {run(args)}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

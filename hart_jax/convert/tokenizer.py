@@ -144,10 +144,9 @@ def save_tokenizer(
 ) -> Path:
     """Convert ``src_dir``, check the result runs, and write it atomically to ``out_dir``;
     ``keep_discriminator`` also converts the ``disc.*`` PatchGAN (an error if absent)."""
-    from hart_jax.checkpoint import load_converted, save_converted
+    from hart_jax.checkpoint import check_output, load_converted, save_converted
 
-    if Path(out_dir).exists() and not force:
-        raise CheckpointError(f"{Path(out_dir).absolute()}: already exists; pass --force to replace it")
+    check_output(out_dir, force)
     cfg = load_tokenizer_config(src_dir)
     wfile = Path(weights) if weights else find_weight_file(src_dir)
     state = load_state_dict(wfile)

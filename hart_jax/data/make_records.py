@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from hart_jax.data.records import DEFAULT_VERSION, scan_image_dir, write_records
+from hart_jax.errors import OneLineArgumentParser
 
 
 def _batches(rows: Iterable[Mapping[str, Any]], batch_size: int) -> Iterator[list[Mapping[str, Any]]]:
@@ -142,14 +143,23 @@ def build_records(
     return out
 
 
+EXAMPLE = """example (photos/ holds cat.jpg + cat.txt, ...; the tokenizer was converted with
+python -m hart_jax.convert tokenizer):
+
+    python -m hart_jax.data.make_records photos/ data/ --name mine --tokenizer converted/tokenizer
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI's argument parser."""
-    ap = argparse.ArgumentParser(prog="python -m hart_jax.data.make_records", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("images_dir", help="images (t2i: each with a <stem>.txt caption; c2i: IMAGES_DIR/<class>/<image>)")
-    ap.add_argument("out_dir", help="data directory; the dataset goes to OUT_DIR/NAME/1.0.0")
+    """The CLI's argument parser (argument errors: one ``error: ...`` line, exit 2)."""
+    ap = OneLineArgumentParser(prog="python -m hart_jax.data.make_records", description=__doc__, epilog=EXAMPLE,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("images_dir", metavar="IMAGES_DIR",
+                    help="images (t2i: each with a <stem>.txt caption; c2i: IMAGES_DIR/<class>/<image>)")
+    ap.add_argument("out_dir", metavar="OUT_DIR", help="data directory; the dataset goes to OUT_DIR/NAME/1.0.0")
     ap.add_argument("--name", default="hart_images", help="dataset name (default: hart_images)")
     ap.add_argument("--kind", choices=("t2i", "c2i"), default="t2i",
-                    help="t2i (image + caption) or c2i (image + class label)")
+                    help="t2i (image + caption) or c2i (image + class label) (default: t2i)")
     add_cache_arguments(ap)
     return ap
 
@@ -157,12 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
 def add_cache_arguments(ap: argparse.ArgumentParser) -> None:
     """The arguments every record-writing CLI shares: split, cached context, cached codes."""
     ap.add_argument("--split", default="train", help="split name (default: train)")
-    ap.add_argument("--text-encoder", default=None, help="converted Qwen2 directory: also cache context embeddings")
-    ap.add_argument("--tokenizer", default=None, help="converted tokenizer directory: also cache its codes")
-    ap.add_argument("--patch-nums", default="", help="comma-separated scales for --tokenizer (default: the tokenizer's)")
-    ap.add_argument("--batch-size", type=int, default=8, help="batch size of the text encoder / tokenizer passes")
+    ap.add_argument("--text-encoder", metavar="DIR", default=None,
+                    help="converted Qwen2 directory (python -m hart_jax.convert qwen2): also cache the "
+                    "captions' context embeddings (t2i only)")
+    ap.add_argument("--tokenizer", metavar="DIR", default=None,
+                    help="converted tokenizer directory (python -m hart_jax.convert tokenizer): also cache "
+                    "its codes of every image")
+    ap.add_argument("--patch-nums", metavar="LIST", default="",
+                    help="comma-separated scales for --tokenizer, e.g. 1,2,3,4,6 (default: the tokenizer's)")
+    ap.add_argument("--batch-size", metavar="N", type=int, default=8,
+                    help="batch size of the text encoder / tokenizer passes (default: 8)")
     ap.add_argument("--context-dtype", default="float16", choices=("float16", "float32", "bfloat16"),
-                    help="dtype of the cached context embeddings")
+                    help="dtype of the cached context embeddings (default: float16)")
 
 
 def main(argv: list[str] | None = None) -> int:

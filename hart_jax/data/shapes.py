@@ -30,9 +30,11 @@ import dataclasses
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Iterator
 
 import numpy as np
+
+from hart_jax.errors import OneLineArgumentParser
 
 RGB = tuple[int, int, int]
 
@@ -198,15 +200,10 @@ def examples(num: int, resolution: int = 64, seed: int = 0) -> Iterator[dict[str
         yield example(i, seed, resolution)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser (argument errors: one ``error: ...`` line, exit 2)."""
-    ap = _Parser(prog="python -m hart_jax.data.shapes", description=__doc__,
-                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineArgumentParser(prog="python -m hart_jax.data.shapes", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", help="data directory; the dataset goes to OUT_DIR/NAME/1.0.0")
     ap.add_argument("--num", type=int, required=True, help="number of examples")
     ap.add_argument("--resolution", type=int, required=True, help=f"image side in pixels (>= {MIN_RESOLUTION})")
