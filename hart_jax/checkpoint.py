@@ -9,6 +9,9 @@ Layout of a directory written by ``save_converted``::
     <dir>/<extra trees>/  further Orbax PyTrees beside the params (e.g. a tokenizer's
                           discriminator); ``load_converted`` does not read them
 
+What each part keeps in its extra files and trees, and how it is read back, is
+``hart_jax.loading``.
+
 Everything is first written to a temporary sibling directory and renamed into
 place, so an interrupted conversion never leaves a directory that looks complete;
 an existing directory is replaced only with ``force=True`` (and is kept until the
@@ -153,6 +156,20 @@ def save_converted(
             marker["extra_trees"] = sorted(extra_trees)
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return Path(out_dir).absolute()
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a JSON object file; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: file not found")
+    try:
+        d = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{p}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def read_marker(ckpt_dir: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:

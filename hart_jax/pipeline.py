@@ -32,12 +32,10 @@ import numpy as np
 from hart_jax.attention import resolve_impl
 from hart_jax.checkpoint import MARKER, load_converted, read_marker
 from hart_jax.errors import CheckpointError
+from hart_jax.loading import PIPELINE_KIND, PIPELINE_PARTS, write_pipeline_marker
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
 from hart_jax.models.transformer import HARTTransformer, T2IConfig
 from hart_jax.sampling import InjectedNoise, SamplingConfig, sample_images
-
-PARTS = ("tokenizer", "transformer", "text_encoder")
-KIND = "pipeline"
 
 
 def default_dtype() -> Any:
@@ -76,12 +74,12 @@ def check_pipeline_dir(ckpt_dir: str | os.PathLike) -> Path:
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise CheckpointError(f"{d}: checkpoint directory not found")
-    for part in PARTS:
+    for part in PIPELINE_PARTS:
         if not (d / part).is_dir():
             raise CheckpointError(f"{d}: missing part {part}/ (convert with python -m hart_jax.convert release)")
         read_marker(d / part)
     if (d / MARKER).is_file():
-        read_marker(d, KIND)
+        read_marker(d, PIPELINE_KIND)
     return d
 
 
@@ -333,8 +331,8 @@ def assemble_pipeline(
 
     from hart_jax.checkpoint import atomic_directory
 
-    if sorted(parts) != sorted(PARTS):
-        raise ValueError(f"parts must name exactly {', '.join(PARTS)}, got {', '.join(sorted(parts))}")
+    if sorted(parts) != sorted(PIPELINE_PARTS):
+        raise ValueError(f"parts must name exactly {', '.join(PIPELINE_PARTS)}, got {', '.join(sorted(parts))}")
     for part, src in parts.items():
         read_marker(src, part)
     with atomic_directory(out_dir, force) as tmp:
@@ -345,15 +343,3 @@ def assemble_pipeline(
         write_pipeline_marker(tmp, {part: str(Path(src).absolute()) for part, src in parts.items()})
     return Path(out_dir).absolute()
 
-
-def write_pipeline_marker(root: Path, sources: dict[str, str]) -> None:
-    """The pipeline directory's own marker (written last)."""
-    import time
-
-    from hart_jax.checkpoint import FORMAT, FORMAT_VERSION
-
-    marker = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": KIND, "parts": list(PARTS),
-        "sources": sources, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    (root / MARKER).write_text(json.dumps(marker, indent=2) + "\n")

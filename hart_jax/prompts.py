@@ -38,12 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from hart_jax.errors import CheckpointError
+from hart_jax.loading import DEFAULT_MAX_LENGTH, load_text_encoder
 from hart_jax.models.text_encoder import LOGICAL_AXIS_RULES, Qwen2Config, Qwen2Model, param_shardings
 
 Dtype = Any
 PrecisionLike = Any
-
-DEFAULT_MAX_LENGTH = 300
 
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike) -> Any:
@@ -195,9 +194,7 @@ class PromptEncoder:
     def from_converted(
         cls, ckpt_dir: str | os.PathLike, *, use_prefix: bool = True, max_length: int | None = None, **kw: Any
     ) -> "PromptEncoder":
-        """From a directory written by ``hart_jax.convert.qwen2.save_text_encoder``."""
-        from hart_jax.convert.qwen2 import load_text_encoder
-
+        """From a directory written by ``hart_jax.loading.save_text_encoder``."""
         cfg, params, prefix, settings = load_text_encoder(ckpt_dir)
         length = max_length if max_length is not None else int(settings.get("max_length", DEFAULT_MAX_LENGTH))
         return cls(ckpt_dir, params, cfg, prefix if use_prefix else None, max_length=length, **kw)

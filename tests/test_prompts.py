@@ -19,15 +19,9 @@ import pytest
 import torch
 from conftest import assert_close
 
-from hart_jax.convert.qwen2 import (
-    PREFIX_FILE,
-    RELEASE_PREFIX_SHA256,
-    convert_and_save,
-    convert_qwen2,
-    main,
-    read_prompt_prefix,
-)
+from hart_jax.convert.qwen2 import convert_and_save, convert_qwen2, main, read_prompt_prefix
 from hart_jax.errors import CheckpointError
+from hart_jax.loading import PREFIX_FILE, RELEASE_PREFIX_SHA256
 from hart_jax.prompts import PromptEncoder, load_tokenizer, tokenize_prompts
 
 L = 48  # prompt tokens (HART: 300)

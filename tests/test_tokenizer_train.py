@@ -219,9 +219,9 @@ def test_runs_start(runs):
 # ------------------------------------------------- discriminator + converter
 def test_converted_discriminator_matches_torch(converted, golden_dir):
     from hart_jax.checkpoint import load_converted
-    from hart_jax.convert.discriminator import load_discriminator
-    from hart_jax.convert.tokenizer import convert_tokenizer
     from hart_jax.convert.table import flatten_params
+    from hart_jax.convert.tokenizer import convert_tokenizer
+    from hart_jax.loading import load_discriminator
     from hart_jax.models.discriminator import NLayerDiscriminator
 
     src, out = converted
@@ -503,7 +503,7 @@ def test_discriminator_waits_for_disc_start(runs):
 
 def test_decoder_finetune_keeps_frozen_parts(runs, converted):
     from hart_jax.checkpoint import load_converted
-    from hart_jax.convert.discriminator import load_discriminator
+    from hart_jax.loading import load_discriminator
 
     d = runs.ok("decoder")
     st, _ = restore(d, DECODER_STEPS)
@@ -541,7 +541,7 @@ def restore_steps(workdir: Path) -> list[int]:
 
 # ----------------------------------------------------------------- export
 def test_export_tokenizer_loads_and_runs(runs, tmp_path, capsys):
-    from hart_jax.convert.discriminator import load_discriminator
+    from hart_jax.loading import load_discriminator
     from hart_jax.tokenizer import HybridTokenizer
     from hart_jax.train.export import main as export_main
 
@@ -581,8 +581,7 @@ def test_export_transformer(tmp_path):
 
     from configs.train import get_config
     from hart_jax.checkpoint import load_converted
-    from hart_jax.convert.llm import expected_llm_params
-    from hart_jax.models.transformer import T2IConfig
+    from hart_jax.models.transformer import T2IConfig, abstract_params
     from hart_jax.train.export import main as export_main
 
     c = get_config("tiny_t2i")
@@ -590,7 +589,7 @@ def test_export_transformer(tmp_path):
     md["patch_nums"] = tuple(md["patch_nums"])
     tcfg = T2IConfig(**md)
     rng = np.random.default_rng(0)
-    ema = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32), expected_llm_params(tcfg))
+    ema = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract_params(tcfg))
     state = {"step": np.int32(7), "params": jax.tree_util.tree_map(lambda x: x + 1, ema), "ema_params": ema}
     mngr = ocp.CheckpointManager(
         tmp_path / "run" / "checkpoints",

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from configs.train import get_config
-from hart_jax.convert.qwen2 import save_text_encoder
 from hart_jax.data.pipeline import make_loader
+from hart_jax.loading import save_text_encoder
 from hart_jax.models.text_encoder import Qwen2Config, Qwen2Model
 from hart_jax.prompts import PromptEncoder
 from hart_jax.train import loop

@@ -7,10 +7,10 @@ import pytest
 
 from configs.transformer import get_config
 from hart_jax.checkpoint import count_params
-from hart_jax.convert.llm import IGNORE, convert_llm_state, expected_llm_params
+from hart_jax.convert.llm import IGNORE, convert_llm_state
 from hart_jax.convert.table import flatten_params
 from hart_jax.convert.torch_io import load_manifest
-from hart_jax.models.transformer import T2IConfig
+from hart_jax.models.transformer import T2IConfig, abstract_params
 
 PRIMARY = ("hart-0.7b-1024px.transformer.keys.json", "transformer", 732_399_168)
 ALTERNATIVE = ("hart-0.7b-1024px.transformer.keys.alt-d16-adaln.json", "transformer.alt-d16-adaln", 729_761_856)
@@ -31,7 +31,7 @@ def test_preset_is_the_summary_config(golden_dir):
 def test_mapping_covers_exactly_the_manifest(golden_dir, manifest, entry, total):
     cfg = _config_from_summary(golden_dir, entry)
     keys = load_manifest(golden_dir / manifest)
-    expected = expected_llm_params(cfg)
+    expected = abstract_params(cfg)
     assert count_params(expected) == total
     assert count_params(expected["diffloss"]) == DIFFLOSS_PARAMS
 

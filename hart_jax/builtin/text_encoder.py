@@ -9,7 +9,7 @@ as the release keeps Qwen2 frozen: the captions have a closed vocabulary of a fe
 and no text corpus exists here to pretrain on, so the encoder's job is only to give each
 word a distinct, fixed representation; the transformer's context embedding learns to read it.
 
-The result is a converted text-encoder directory (``hart_jax.convert.qwen2.save_text_encoder``
+The result is a converted text-encoder directory (``hart_jax.loading.save_text_encoder``
 layout: params, config, tokenizer files, an empty instruction prefix, ``prompt.json``).
 """
 
@@ -68,7 +68,7 @@ def build_text_encoder(
     force: bool = False,
 ) -> Path:
     """Fit the BPE, draw the encoder and write a converted text-encoder directory."""
-    from hart_jax.convert.qwen2 import save_text_encoder
+    from hart_jax.loading import save_text_encoder
 
     tokenizer = fit_bpe(captions, vocab_size)
     cfg = Qwen2Config(

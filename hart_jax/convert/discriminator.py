@@ -5,7 +5,8 @@ conv weights OIHW -> HWIO, BatchNorm ``weight`` -> ``scale``, ``running_mean`` /
 ``running_var`` -> ``batch_stats`` ``mean`` / ``var``; ``num_batches_tracked`` is dropped.
 The architecture (``ndf``, ``n_layers``, norm) is read off the keys. In a converted
 directory the discriminator sits beside the autoencoder without changing what
-``load_converted(dir, kind="tokenizer")`` returns:
+``load_converted(dir, kind="tokenizer")`` returns (written by ``hart_jax.loading.discriminator_extras``,
+read by ``hart_jax.loading.load_discriminator``):
 
     <dir>/discriminator/        Orbax PyTree {"params", "batch_stats"}
     <dir>/discriminator.json    its DiscriminatorConfig (ndf, n_layers, norm, in_channels)
@@ -13,10 +14,7 @@ directory the discriminator sits beside the autoencoder without changing what
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
@@ -27,8 +25,6 @@ from hart_jax.errors import CheckpointError, ConversionError
 from hart_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator
 
 PREFIX = "disc."
-ITEM = "discriminator"
-CONFIG_FILE = "discriminator.json"
 IGNORE = (r"main\.\d+\.num_batches_tracked\Z",)
 
 
@@ -99,34 +95,3 @@ def convert_discriminator_state(
         ) from None
     out.setdefault("batch_stats", {})
     return cfg, out
-
-
-def discriminator_extras(cfg: DiscriminatorConfig, variables: Mapping[str, Any]) -> dict[str, Any]:
-    """``save_converted`` keyword arguments that store the discriminator beside the params."""
-    tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats") or {}}
-    text = json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n"
-    return {"extra_files": {CONFIG_FILE: text}, "extra_trees": {ITEM: tree}}
-
-
-def has_discriminator(ckpt_dir: str | os.PathLike) -> bool:
-    """Whether a converted tokenizer directory holds a discriminator."""
-    d = Path(ckpt_dir)
-    return (d / ITEM).is_dir() and (d / CONFIG_FILE).is_file()
-
-
-def load_discriminator(ckpt_dir: str | os.PathLike) -> tuple[DiscriminatorConfig, dict[str, Any]] | None:
-    """``(config, {"params", "batch_stats"})`` of a converted tokenizer directory, or ``None``."""
-    import orbax.checkpoint as ocp
-
-    d = Path(ckpt_dir)
-    if not has_discriminator(d):
-        return None
-    try:
-        cfg = DiscriminatorConfig.from_dict(json.loads((d / CONFIG_FILE).read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{d / CONFIG_FILE}: not a discriminator config ({e})") from None
-    try:
-        v = ocp.PyTreeCheckpointer().restore(str(d / ITEM))
-    except Exception as e:
-        raise CheckpointError(f"{d / ITEM}: cannot restore Orbax checkpoint: {e}") from None
-    return cfg, {"params": v["params"], "batch_stats": v.get("batch_stats") or {}}

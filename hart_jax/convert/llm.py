@@ -17,10 +17,10 @@ from typing import Any, Mapping
 import jax
 
 from hart_jax.convert.diffusion_head import diffusion_head_rules, timestep_embedder_rules
-from hart_jax.convert.table import Rule, apply_table, dense_rules, expected_params, norm_rules
+from hart_jax.convert.table import Rule, apply_table, dense_rules, norm_rules
 from hart_jax.convert.torch_io import find_weight_file, load_state_dict, read_json
 from hart_jax.errors import CheckpointError, ConversionError
-from hart_jax.models.transformer import HARTTransformer, T2IConfig, init_inputs
+from hart_jax.models.transformer import HARTTransformer, T2IConfig, abstract_params, init_inputs
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,6 @@ def llm_rules() -> list[Rule]:
         + norm_rules("decoder_norm", "decoder_norm", bias=False)
         + diffusion_head_rules("diffloss.net", "diffloss/net")
     )
-
-
-def expected_llm_params(cfg: T2IConfig) -> dict[str, Any]:
-    """Shapes of the model's params for ``cfg`` via ``jax.eval_shape`` (nothing allocated)."""
-    model = HARTTransformer(cfg)
-    return expected_params(lambda: model.init(jax.random.PRNGKey(0), *init_inputs(cfg)))
 
 
 def check_variant_flags(state: Mapping[str, Any], cfg: T2IConfig, source: str) -> None:
@@ -142,7 +136,7 @@ def convert_llm_state(
     """Map a ``HARTForT2I`` state dict onto the Flax params of ``cfg``."""
     check_variant_flags(state, cfg, source)
     return apply_table(
-        state, llm_rules(), expected_llm_params(cfg), ignore=IGNORE, source=source, shapes_only=shapes_only
+        state, llm_rules(), abstract_params(cfg), ignore=IGNORE, source=source, shapes_only=shapes_only
     )
 
 

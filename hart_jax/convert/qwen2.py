@@ -8,11 +8,11 @@ Reads ``config.json`` and the weights: one ``model.safetensors`` /
 versions hold them, or none as ``Qwen2Model`` saves them). Vision-tower keys
 (``visual.*``), ``lm_head.*`` and rotary buffers are skipped.
 
-``save_text_encoder`` writes a self-contained converted directory: the Flax
-params and config (``hart_jax.checkpoint.save_converted``, kind
-``text_encoder``), HART's prompt prefix as ``prompt_prefix.txt`` (read from the
-original package's ``constants.py`` or a text file and checked against the
-release's SHA-256), ``prompt.json`` and the tokenizer files of the source.
+``convert_and_save`` writes a self-contained converted directory through
+``hart_jax.loading.save_text_encoder`` (which ``load_text_encoder`` beside it reads):
+the Flax params and config, HART's prompt prefix (read here from the original
+package's ``constants.py`` or a text file and checked against the release's
+SHA-256), ``prompt.json`` and the tokenizer files of the source.
 
 Command line::
 
@@ -24,31 +24,29 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import importlib.util
-import json
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
-import jax
 import numpy as np
 
-from hart_jax.checkpoint import check_output, load_converted, save_converted
+from hart_jax.checkpoint import check_output, read_json
 from hart_jax.convert.table import Rule, apply_table, dense_rules, norm_rules
-from hart_jax.convert.torch_io import _to_numpy, find_weight_file, load_state_dict, read_config, read_json
+from hart_jax.convert.torch_io import _to_numpy, find_weight_file, load_state_dict, read_config
 from hart_jax.errors import CheckpointError, OneLineArgumentParser, run_command
+from hart_jax.loading import (
+    DEFAULT_MAX_LENGTH,
+    RELEASE_PREFIX_SHA256,
+    save_text_encoder,
+    sha256_text,
+    tokenizer_files,
+)
 from hart_jax.models.text_encoder import Qwen2Config, abstract_variables
 
-KIND = "text_encoder"
-PREFIX_FILE = "prompt_prefix.txt"
-PROMPT_FILE = "prompt.json"
-# SHA-256 of the UTF-8 bytes of ``llm_system_prompt`` in hart/utils/constants.py (release e28a41f).
-RELEASE_PREFIX_SHA256 = "424f7aa7b1119f8ed1e329140e5941dfe308183bea0af59041dad5527a9b8f20"
 PREFIX_VARIABLE = "llm_system_prompt"
-DEFAULT_MAX_LENGTH = 300
 
 # Where the language model sits in the state dicts we know, most specific first.
 LM_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.", "")
@@ -58,17 +56,6 @@ IGNORE = (
     r"(.*\.)?rotary_emb\.inv_freq\Z",
 )
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 # ---------------------------------------------------------------------- table
@@ -225,11 +212,6 @@ def convert_qwen2(src_dir: str | os.PathLike) -> tuple[Qwen2Config, dict[str, An
 
 
 # ------------------------------------------------------------- prompt prefix
-def sha256_text(text: str) -> str:
-    """SHA-256 hex digest of the UTF-8 bytes of ``text``."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def _prefix_from_python(path: Path, variable: str = PREFIX_VARIABLE) -> str:
     """The string literal assigned to ``variable`` at module level (parsed, never executed)."""
     try:
@@ -315,58 +297,7 @@ def read_prompt_prefix(
     return text
 
 
-# ------------------------------------------------------------- save / load
-def tokenizer_files(tokenizer_dir: str | os.PathLike) -> dict[str, bytes]:
-    """The tokenizer files present in ``tokenizer_dir`` (name -> bytes); errors if none."""
-    d = Path(tokenizer_dir)
-    if not d.is_dir():
-        raise CheckpointError(f"{d}: not a directory")
-    files = {n: (d / n).read_bytes() for n in TOKENIZER_FILES if (d / n).is_file()}
-    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= set(files):
-        raise CheckpointError(
-            f"{d}: no tokenizer files (need tokenizer.json or vocab.json + merges.txt; "
-            f"looked for {', '.join(TOKENIZER_FILES)})"
-        )
-    return files
-
-
-def save_text_encoder(
-    out_dir: str | os.PathLike,
-    cfg: Qwen2Config,
-    params: Mapping[str, Any],
-    *,
-    prefix: str,
-    tokenizer_dir: str | os.PathLike,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    source: str | None = None,
-    force: bool = False,
-) -> Path:
-    """Write a self-contained converted text encoder directory; return its path.
-
-    ``params`` is the Flax params tree (the ``"params"`` collection). The
-    directory holds the params, ``config.json``, ``prompt_prefix.txt`` (exact
-    UTF-8 bytes), ``prompt.json`` (prefix hash, whether it is the release's,
-    ``max_length``) and the tokenizer files of ``tokenizer_dir``.
-    """
-    extra: dict[str, str | bytes] = dict(tokenizer_files(tokenizer_dir))
-    digest = sha256_text(prefix)
-    extra[PREFIX_FILE] = prefix.encode("utf-8")
-    extra[PROMPT_FILE] = (
-        json.dumps(
-            {
-                "prefix_file": PREFIX_FILE,
-                "prefix_sha256": digest,
-                "prefix_is_release": digest == RELEASE_PREFIX_SHA256,
-                "max_length": int(max_length),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    host = jax.tree_util.tree_map(np.asarray, dict(params))
-    return save_converted(out_dir, host, cfg.to_hf_dict(), kind=KIND, source=source, extra_files=extra, force=force)
-
-
+# ------------------------------------------------------------- convert + save
 class TextEncoderInputs(NamedTuple):
     """The checked inputs of a text encoder conversion."""
 
@@ -433,27 +364,6 @@ def convert_and_save(
     )
     check_output(out_dir, force)
     return save_checked(src_dir, out_dir, inputs, max_length=max_length, force=force)
-
-
-def load_text_encoder(ckpt_dir: str | os.PathLike) -> tuple[Qwen2Config, dict[str, Any], str, dict[str, Any]]:
-    """``(config, params, prefix, prompt settings)`` of a directory written by ``save_text_encoder``.
-
-    The prefix file is checked against the hash recorded in ``prompt.json``.
-    """
-    d = Path(ckpt_dir)
-    config, params = load_converted(d, kind=KIND)
-    cfg = Qwen2Config.from_hf_dict(config, source=str(d / "config.json"))
-    settings = read_json(d / PROMPT_FILE)
-    pfile = d / settings.get("prefix_file", PREFIX_FILE)
-    if not pfile.is_file():
-        raise CheckpointError(f"{pfile}: prompt prefix file missing")
-    prefix = pfile.read_bytes().decode("utf-8")
-    if sha256_text(prefix) != settings.get("prefix_sha256"):
-        raise CheckpointError(
-            f"{pfile}: SHA-256 {sha256_text(prefix)} differs from {settings.get('prefix_sha256')} "
-            f"recorded in {d / PROMPT_FILE} (file changed after conversion?)"
-        )
-    return cfg, dict(params), prefix, settings
 
 
 # ----------------------------------------------------------------------- CLI

@@ -24,8 +24,8 @@ from hart_jax.convert.llm import pick_llm_weights, save_llm
 from hart_jax.convert.tokenizer import load_tokenizer_config, save_tokenizer
 from hart_jax.convert.torch_io import find_weight_file, read_config
 from hart_jax.errors import CheckpointError
+from hart_jax.loading import write_pipeline_marker
 from hart_jax.models.transformer import T2IConfig
-from hart_jax.pipeline import write_pipeline_marker
 
 
 class ReleaseInputs(NamedTuple):

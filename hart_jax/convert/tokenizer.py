@@ -153,7 +153,8 @@ def save_tokenizer(
     variables = {"params": convert_tokenizer_state(state, cfg, source=str(wfile))}
     extras: dict[str, Any] = {}
     if keep_discriminator:
-        from hart_jax.convert.discriminator import convert_discriminator_state, discriminator_extras
+        from hart_jax.convert.discriminator import convert_discriminator_state
+        from hart_jax.loading import discriminator_extras
 
         dcfg, dvars = convert_discriminator_state(state, source=str(wfile))
         extras = discriminator_extras(dcfg, dvars)

@@ -6,7 +6,6 @@ imported lazily: it is needed only for ``.bin`` files and bf16/fp16 safetensors.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -14,6 +13,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import jax
 import numpy as np
 
+from hart_jax.checkpoint import read_json
 from hart_jax.errors import CheckpointError
 
 WEIGHT_FILE_ORDER = ("model.safetensors", "pytorch_model.bin")
@@ -37,20 +37,6 @@ def find_weight_file(src_dir: str | os.PathLike, preferred: Sequence[str] = WEIG
             f"{', '.join(preferred)}; name the weight file explicitly"
         )
     raise CheckpointError(f"{d}: no weights found (looked for {', '.join(preferred)} or a *.bin; found {found})")
-
-
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """Parse a JSON object file; errors name the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: file not found")
-    try:
-        d = json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{p}: expected a JSON object, got {type(d).__name__}")
-    return d
 
 
 C = TypeVar("C")

@@ -12,8 +12,11 @@ conv (no bias) -> spatial mean -> sum over the five levels. Only inference is
 modelled (no dropout, no ``spatial`` / ``lpips=False`` variants).
 
 Weights come only from a local file (nothing is downloaded); see ``load_lpips_params``
-for the accepted layouts. The parameters are frozen: ``lpips_distance`` stops their
-gradient, while gradients flow to the images.
+for the accepted layouts. Reading them is a conversion on load (the one model module that
+imports ``hart_jax.convert``, by design): the weights exist only as torch files (the
+``lpips`` package's ``vgg.pth`` and torchvision's VGG16), never as a converted directory.
+The parameters are frozen: ``lpips_distance`` stops their gradient, while gradients flow
+to the images.
 """
 
 from __future__ import annotations

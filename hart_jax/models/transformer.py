@@ -593,3 +593,9 @@ def init_inputs(cfg: T2IConfig, batch: int = 1) -> tuple[jax.Array, ...]:
     pos = jnp.zeros((batch, cfg.context_token), jnp.int32)
     mask = jnp.ones((batch, cfg.context_token), bool)
     return ctx, x, pos, mask
+
+
+def abstract_params(cfg: T2IConfig) -> dict[str, Any]:
+    """Shapes of the ``"params"`` of ``HARTTransformer(cfg)`` via ``jax.eval_shape`` (nothing allocated)."""
+    model = HARTTransformer(cfg)
+    return dict(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *init_inputs(cfg)))["params"])

@@ -5,7 +5,7 @@
 
 The EMA params of the latest checkpoint by default (``--raw``: the optimizer's params).
 A tokenizer export loads with ``HybridTokenizer.from_converted`` (and, with
-``--keep-discriminator``, ``hart_jax.convert.discriminator.load_discriminator``); a
+``--keep-discriminator``, ``hart_jax.loading.load_discriminator``); a
 transformer export with ``load_converted(dir, kind="transformer")`` and, inside a
 pipeline directory, ``HARTPipeline.from_converted``. Errors print one line and exit 2.
 """
@@ -67,7 +67,7 @@ def export_tokenizer(
 ) -> Path:
     """Write a tokenizer run's (EMA) params as a converted tokenizer directory."""
     from hart_jax.checkpoint import save_converted
-    from hart_jax.convert.discriminator import discriminator_extras
+    from hart_jax.loading import discriminator_extras
     from hart_jax.models.autoencoder import TokenizerConfig
     from hart_jax.models.discriminator import DiscriminatorConfig
 
@@ -102,8 +102,7 @@ def export_transformer(
     """Write a transformer run's (EMA) params as a converted transformer directory
     (``config.json`` = ``T2IConfig.to_hf_dict()``, as ``python -m hart_jax.convert llm``)."""
     from hart_jax.checkpoint import save_converted
-    from hart_jax.convert.llm import expected_llm_params
-    from hart_jax.models.transformer import T2IConfig
+    from hart_jax.models.transformer import T2IConfig, abstract_params
     from hart_jax.train.state import check_params_like
 
     if Path(out_dir).exists() and not force:
@@ -116,7 +115,7 @@ def export_transformer(
     try:
         tcfg = T2IConfig(**md)
         params = state["ema_params" if ema else "params"]
-        check_params_like(params, expected_llm_params(tcfg))
+        check_params_like(params, abstract_params(tcfg))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{workdir} step {step}: {e}") from None
     _check_finite(params, f"{workdir} step {step}")

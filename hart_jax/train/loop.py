@@ -200,7 +200,7 @@ def build(config: Any, devices: Any = None) -> Components:
     if not tcfg.is_c2i and config.data.context == "prompt":
         if not config.text_encoder:
             raise ValueError("data.context='prompt' needs text_encoder (a converted Qwen2 directory)")
-        from hart_jax.convert.qwen2 import load_text_encoder
+        from hart_jax.loading import load_text_encoder
         from hart_jax.models.text_encoder import Qwen2Model
         from hart_jax.prompts import load_tokenizer
 

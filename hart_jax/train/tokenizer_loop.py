@@ -63,7 +63,7 @@ def load_init_weights(config: Any, tok_cfg: TokenizerConfig, dcfg: Discriminator
     if not path:
         return None, None
     from hart_jax.checkpoint import load_converted
-    from hart_jax.convert.discriminator import load_discriminator
+    from hart_jax.loading import load_discriminator
 
     cfg_d, variables = load_converted(path, kind="tokenizer")
     src = TokenizerConfig.from_hf_dict(cfg_d, source=f"{path}/config.json")
