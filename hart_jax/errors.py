@@ -39,11 +39,14 @@ class ConversionError(HartError):
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose argument errors print one ``error: ...`` line and exit 2."""
+    """``argparse.ArgumentParser`` whose argument errors print one ``error: ...`` line and exit 2;
+    a subclass may append ``hint`` (e.g. ``" (see --help)"``) to that line."""
+
+    hint: str = ""
 
     def error(self, message: str) -> NoReturn:
-        """Print ``error: <message>`` (no usage block) and exit with status 2."""
-        self.exit(2, f"error: {message}\n")
+        """Print ``error: <message><hint>`` (no usage block) and exit with status 2."""
+        self.exit(2, f"error: {message}{self.hint}\n")
 
 
 def run_command(action: Callable[[], str]) -> int:

@@ -15,11 +15,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from hart_jax.errors import HartError
+from hart_jax.errors import HartError, OneLineArgumentParser
 
 RELEASE_SAMPLING = {"cfg": 4.5, "top_k": None, "top_p": 0.0, "more_smooth": True}
 SAMPLING_FILE = "sampling.json"
@@ -37,9 +37,8 @@ Every value is checked before the model is loaded: a bad one prints one "error: 
 exits with status 2, and nothing is written (the output directory is created with the first image)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2 (no usage block)
-        self.exit(2, f"error: {message} (see --help)\n")
+class _Parser(OneLineArgumentParser):
+    hint = " (see --help)"
 
 
 def build_parser() -> argparse.ArgumentParser:
