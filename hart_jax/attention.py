@@ -18,7 +18,8 @@ Two entry points: ``attention`` (training / teacher forcing, level mask) and
 Under a multi-device context mesh the Pallas kernels run inside ``shard_map``, each
 device on its own rows (and heads): see ``kernel_mesh_axes``.
 
-Dimensions: B batch, Lq / Lk query / key lengths, Lm cache length, H heads, D head dim.
+Dimensions (docs/design.md): B batch; Q query tokens; K key tokens (a cache's entries);
+A heads; D head dim; X depth (stacked per-block caches).
 """
 
 from __future__ import annotations
@@ -195,9 +196,9 @@ def _cudnn_check(q: jax.Array) -> None:
 
 
 def attention(
-    q_BLqHD: jax.Array,
-    k_BLkHD: jax.Array,
-    v_BLkHD: jax.Array,
+    q_BQAD: jax.Array,
+    k_BKAD: jax.Array,
+    v_BKAD: jax.Array,
     *,
     q_levels: jax.Array,
     k_levels: jax.Array,
@@ -214,26 +215,26 @@ def attention(
     Returns ``[B, Lq, H, D]`` in the input dtype.
     """
     chosen = resolve_impl(impl)
-    check_qkv(q_BLqHD, k_BLkHD, v_BLkHD)
-    B, Lq, H, _ = q_BLqHD.shape
-    Lk = k_BLkHD.shape[1]
+    check_qkv(q_BQAD, k_BKAD, v_BKAD)
+    B, Lq, H, _ = q_BQAD.shape
+    Lk = k_BKAD.shape[1]
     q_lev = _ref.levels_2d(q_levels, B, Lq, "q_levels")
     k_lev = _ref.levels_2d(k_levels, B, Lk, "k_levels")
     if chosen == "xla":
         return _ref.level_attention_reference(
-            q_BLqHD, k_BLkHD, v_BLkHD, q_lev, k_lev, scale,
-            matmul_dtype=q_BLqHD.dtype, precision=precision,
+            q_BQAD, k_BKAD, v_BKAD, q_lev, k_lev, scale,
+            matmul_dtype=q_BQAD.dtype, precision=precision,
         )
     if chosen == "cudnn":
-        _cudnn_check(q_BLqHD)
+        _cudnn_check(q_BQAD)
         mask = _ref.level_mask(q_lev, k_lev)
         return jax.nn.dot_product_attention(
-            q_BLqHD, k_BLkHD, v_BLkHD, mask=mask[:, None], scale=scale, implementation="cudnn"
+            q_BQAD, k_BKAD, v_BKAD, mask=mask[:, None], scale=scale, implementation="cudnn"
         )
     kw = _pallas_kwargs(scale, config, precision, interpret)
     return _split_over_mesh(
         lambda q, k, v, ql, kl: pallas_level_attention(q, k, v, ql, kl, **kw),
-        (q_BLqHD, k_BLkHD, v_BLkHD, q_lev, k_lev), ("BLHD", "BLHD", "BLHD", "BL", "BL"), B, H,
+        (q_BQAD, k_BKAD, v_BKAD, q_lev, k_lev), ("BLHD", "BLHD", "BLHD", "BL", "BL"), B, H,
     )
 
 
@@ -247,7 +248,7 @@ def _layer_caches(
 
 
 def cache_attention(
-    q_BLqHD: jax.Array,
+    q_BQAD: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
     *,
@@ -269,13 +270,13 @@ def cache_attention(
     input dtype.
     """
     chosen = resolve_impl(impl)
-    layer_1 = check_cache_inputs(q_BLqHD, k_cache, v_cache, layer)
-    B, Lq, H, D = q_BLqHD.shape
+    layer_1 = check_cache_inputs(q_BQAD, k_cache, v_cache, layer)
+    B, Lq, H, D = q_BQAD.shape
     if chosen == "pallas":
         kw = _pallas_kwargs(scale, config, precision, interpret)
         n_B = _ref.valid_len_1d(valid_len, B)
         cache_layout = "BLHD" if layer is None else "NBLHD"
-        args = (q_BLqHD, k_cache, v_cache, n_B)
+        args = (q_BQAD, k_cache, v_cache, n_B)
         layouts = ("BLHD", cache_layout, cache_layout, "B")
         if layer is None:
             run = lambda q, kc, vc, n: pallas_cache_attention(q, kc, vc, n, **kw)  # noqa: E731
@@ -293,18 +294,18 @@ def cache_attention(
     if chosen == "xla":
         run = lambda q: _ref.cache_attention_reference(
             q, k_cache, v_cache, valid_len, scale,
-            matmul_dtype=q_BLqHD.dtype, precision=precision,
+            matmul_dtype=q_BQAD.dtype, precision=precision,
         )
-        chunk = _query_chunk(q_BLqHD.shape, k_cache.shape[1])
+        chunk = _query_chunk(q_BQAD.shape, k_cache.shape[1])
         if chunk == Lq:
-            return run(q_BLqHD)
+            return run(q_BQAD)
         # bound the [B, H, Lq, Lk] logits: queries in chunks (rows are independent)
-        q_chunks = q_BLqHD.reshape(B, Lq // chunk, chunk, H, D).transpose(1, 0, 2, 3, 4)
+        q_chunks = q_BQAD.reshape(B, Lq // chunk, chunk, H, D).transpose(1, 0, 2, 3, 4)
         out = jax.lax.map(run, q_chunks)
         return out.transpose(1, 0, 2, 3, 4).reshape(B, Lq, H, D)
-    _cudnn_check(q_BLqHD)
+    _cudnn_check(q_BQAD)
     n_B = jnp.clip(_ref.valid_len_1d(valid_len, B), 0, k_cache.shape[1])
     return jax.nn.dot_product_attention(
-        q_BLqHD, k_cache, v_cache, scale=scale,
+        q_BQAD, k_cache, v_cache, scale=scale,
         key_value_seq_lengths=n_B, implementation="cudnn",
     )

@@ -4,8 +4,10 @@ All constants are float64 numpy arrays, computed the way the reference computes
 them (Python/numpy float64, ``cumprod`` of ``1 - beta``), and cast to fp32 only
 when a step gathers them (``DiffusionSchedule.f32``).
 
-Dimensions: T original steps (1000); S kept (respaced) steps; index k = 0..S-1 is a
-respaced step, ``timestep_map[k]`` its original step (what the network sees).
+Dimensions (docs/design.md): U diffusion steps (original, 1000); J respaced steps (kept).
+
+Index k = 0..J-1 is a respaced step, ``timestep_map[k]`` its original step (what the
+network sees).
 
 * ``named_beta_schedule("cosine", 1000)``: ``beta_i = min(1 - abar((i+1)/T) / abar(i/T), 0.999)``
   with ``abar(s) = cos^2((s + 0.008) / 1.008 * pi / 2)``.

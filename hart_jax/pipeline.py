@@ -13,7 +13,8 @@ change the program: top-k, top-p, more_smooth). The guidance scale and the seeds
 runtime inputs; a short batch is padded to the compiled size. Image i of a call uses
 seed ``seed + i`` (or ``seeds[i]``), so a batch gives the same images as single calls.
 
-Dimensions: B images per program call, S prefix + prompt tokens, T context tokens.
+Dimensions (docs/design.md): B batch (images per program call); L tokens (prefix + prompt);
+T context tokens.
 """
 
 from __future__ import annotations

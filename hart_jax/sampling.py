@@ -1,8 +1,8 @@
 """HART's sampling procedure (``autoregressive_infer_cfg``) as one jittable function.
 
-Dimensions: B images, 2B rows with classifier-free guidance (conditional rows first),
-T context tokens, l tokens of a scale, V codebook size, Cv latent channels, C width,
-N scales, pn side of a scale, P = pn_last.
+Dimensions (docs/design.md): B batch (images); R doubled batch (2B rows with
+classifier-free guidance, conditional rows first); T context tokens; l scale tokens;
+V vocabulary (codebook size); Z latent channels; C channels (model width); S scales.
 
 Per scale s = 0..N-2: run the scale's tokens through the blocks against the KV cache,
 logits -> CFG ``(1+t) cond - t uncond`` with ``t = cfg * s / (N-1)`` -> top-k (600 for
@@ -98,10 +98,10 @@ def top_k_top_p_mask(logits_BlV: jax.Array, top_k: int, top_p: float) -> jax.Arr
     return out
 
 
-def cfg_mix(logits_2BlV: jax.Array, t: float) -> jax.Array:
+def cfg_mix(logits_RlV: jax.Array, t: float) -> jax.Array:
     """Guided logits ``(1 + t) cond - t uncond`` from ``[2B, l, V]`` (cond rows first)."""
-    b = logits_2BlV.shape[0] // 2
-    return (1 + t) * logits_2BlV[:b] - t * logits_2BlV[b:]
+    b = logits_RlV.shape[0] // 2
+    return (1 + t) * logits_RlV[:b] - t * logits_RlV[b:]
 
 
 def row_keys(key: jax.Array, batch: int) -> jax.Array:
@@ -123,7 +123,7 @@ def choose_tokens(
     si: int,
     ratio: float,
     scfg: SamplingConfig,
-    codebook_VC: jax.Array,
+    codebook_VZ: jax.Array,
     keys_B2: jax.Array,
     gumbel_BlV: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -131,21 +131,21 @@ def choose_tokens(
     vectors ``[B, l, Cv]``: codebook rows, or with ``more_smooth`` the Gumbel-softmax
     mixture ``softmax((masked * (1 + r) + g) / tau) @ E`` on the top-k/top-p-masked logits.
     Each image draws from its own key (``keys_B2``), so results do not depend on batching."""
-    masked = top_k_top_p_mask(logits_BlV, scfg.stage_top_k(si, codebook_VC.shape[0]), scfg.top_p)
+    masked = top_k_top_p_mask(logits_BlV, scfg.stage_top_k(si, codebook_VZ.shape[0]), scfg.top_p)
     if scfg.greedy:
         idx = jnp.argmax(masked, axis=-1).astype(jnp.int32)
     else:
         draw = lambda k, lg: jax.random.categorical(k, lg, axis=-1)
         idx = jax.vmap(draw)(_fold(keys_B2, 2 * si), masked).astype(jnp.int32)
     if not scfg.more_smooth:
-        return idx, jnp.take(codebook_VC, idx, axis=0)
+        return idx, jnp.take(codebook_VZ, idx, axis=0)
     tau = max(0.27 * (1 - ratio * 0.95), 0.005)
     if gumbel_BlV is not None:
         g = jnp.asarray(gumbel_BlV, jnp.float32)
     else:
         g = jax.vmap(lambda k: jax.random.gumbel(k, masked.shape[1:], jnp.float32))(_fold(keys_B2, 2 * si + 1))
     w = jax.nn.softmax((masked * (1 + ratio) + g) / tau, axis=-1)
-    return idx, jnp.einsum("blv,vc->blc", w, codebook_VC, precision=jax.lax.Precision.HIGHEST)
+    return idx, jnp.einsum("blv,vc->blc", w, codebook_VZ, precision=jax.lax.Precision.HIGHEST)
 
 
 def diffusion_noise(keys_B2: jax.Array, tokens: int, channels: int, steps: int) -> tuple[jax.Array, jax.Array]:
@@ -223,8 +223,8 @@ def sample_images(
     x = sos + lvl[0]
     keys_B2 = row_keys(keys, b)
 
-    def pick(si: int, logits_2BlV: jax.Array, ratio: float) -> tuple[jax.Array, jax.Array]:
-        logits = cfg_mix(logits_2BlV, guidance * ratio)
+    def pick(si: int, logits_RlV: jax.Array, ratio: float) -> tuple[jax.Array, jax.Array]:
+        logits = cfg_mix(logits_RlV, guidance * ratio)
         trace[f"logits_cfg_s{si}"] = logits
         gumbel = None if injected is None or injected.gumbel is None else injected.gumbel[si]
         idx, emb = choose_tokens(logits, si, ratio, scfg, codebook, keys_B2, gumbel)

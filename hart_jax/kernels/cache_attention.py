@@ -19,8 +19,9 @@ The cache length must be a multiple of the key block for the kernel; other
 lengths are padded here, which copies the cache on every call. Allocate caches
 with ``padded_cache_length(L)`` entries to avoid that copy.
 
-Dimensions: B batch, Lq queries of the scale, Lm cache length (P: padded),
-H heads, D head dim (Dp: padded).
+Dimensions (docs/design.md): B batch; Q query tokens (the scale's); K key tokens (the
+cache's entries, padded to the key block); A heads; D head dim (padded to a power of two);
+X depth (stacked per-block caches).
 """
 
 from __future__ import annotations
@@ -170,21 +171,21 @@ def stacked_layer_index(k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array
 
 
 def check_cache_inputs(
-    q_BLqHD: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | int | None
+    q_BQAD: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | int | None
 ) -> jax.Array | None:
     """Shape / dtype checks of ``cache_attention``'s inputs (clear ValueErrors); with
     ``layer``, the checked block index as int32 ``[1]`` (see ``stacked_layer_index``)."""
     if layer is None:
-        check_qkv(q_BLqHD, k_cache, v_cache, k_name="k_cache")
+        check_qkv(q_BQAD, k_cache, v_cache, k_name="k_cache")
         return None
     layer_1 = stacked_layer_index(k_cache, v_cache, layer)
     one_layer = jax.ShapeDtypeStruct(k_cache.shape[1:], k_cache.dtype)
-    check_qkv(q_BLqHD, one_layer, one_layer, k_name="k_cache")
+    check_qkv(q_BQAD, one_layer, one_layer, k_name="k_cache")
     return layer_1
 
 
 def cache_attention(
-    q_BLqHD: jax.Array,
+    q_BQAD: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
     valid_len: jax.Array | int,
@@ -198,7 +199,7 @@ def cache_attention(
     """Queries of one scale against cache entries ``[0, valid_len)``; forward only.
 
     Args:
-      q_BLqHD: the scale's queries.
+      q_BQAD: the scale's queries.
       k_cache, v_cache: the cache ``[B, Lm, H, D]`` (q's dtype); with ``layer``, every
         block's caches stacked ``[NL, B, Lm, H, D]``.
       valid_len: int scalar or int ``[B]``: number of filled cache entries (clamped to Lm).
@@ -212,10 +213,10 @@ def cache_attention(
     Returns:
       ``[B, Lq, H, D]`` in the input dtype.
     """
-    layer_1 = check_cache_inputs(q_BLqHD, k_cache, v_cache, layer)
+    layer_1 = check_cache_inputs(q_BQAD, k_cache, v_cache, layer)
     Lm_axis = 1 if layer_1 is None else 2
     cfg = config or CacheAttentionConfig()
-    B, Lq, H, D = q_BLqHD.shape
+    B, Lq, H, D = q_BQAD.shape
     Lm = k_cache.shape[Lm_axis]
     n_B = jnp.clip(valid_len_1d(valid_len, B), 0, Lm)
 
@@ -229,7 +230,7 @@ def cache_attention(
             lax.dynamic_index_in_dim(c, layer_1[0], axis=0, keepdims=False) for c in (k_cache, v_cache)
         )
         layer_1, Lm_axis = None, 1
-    q = pad_axis(pad_axis(q_BLqHD, 3, Dp), 1, round_up(Lq, block_q))
+    q = pad_axis(pad_axis(q_BQAD, 3, Dp), 1, round_up(Lq, block_q))
     k = pad_axis(pad_axis(k_cache, -1, Dp), Lm_axis, Pm)
     v = pad_axis(pad_axis(v_cache, -1, Dp), Lm_axis, Pm)
     kw = (

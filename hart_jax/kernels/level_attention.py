@@ -25,8 +25,9 @@ needs it). Logits, softmax and accumulators are fp32 for bf16 and fp32 inputs;
 fp32 matmuls run at full IEEE precision (``precision=HIGHEST``, no TF32) unless
 told otherwise.
 
-Dimensions: B batch, L / Lq / Lk sequence lengths (P: padded), H heads,
-D head dim (Dp: padded), nq / nk number of query / key blocks.
+Dimensions (docs/design.md): B batch; L tokens; Q query tokens; K key tokens;
+P padded tokens (Q or K rounded up to the block); A heads; D head dim (padded to a power
+of two); n blocks (query or key blocks).
 """
 
 from __future__ import annotations
@@ -378,9 +379,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def level_attention(
-    q_BLqHD: jax.Array,
-    k_BLkHD: jax.Array,
-    v_BLkHD: jax.Array,
+    q_BQAD: jax.Array,
+    k_BKAD: jax.Array,
+    v_BKAD: jax.Array,
     q_levels: jax.Array,
     k_levels: jax.Array,
     *,
@@ -392,7 +393,7 @@ def level_attention(
     """Fused attention with ``level(k) <= level(q)`` masking; differentiable in q, k, v.
 
     Args:
-      q_BLqHD, k_BLkHD, v_BLkHD: float32 / bfloat16 / float16, same dtype.
+      q_BQAD, k_BKAD, v_BKAD: float32 / bfloat16 / float16, same dtype.
       q_levels, k_levels: integer level ids, ``[Lq]`` / ``[Lk]`` or ``[B, Lq]`` / ``[B, Lk]``.
       scale: softmax scale (HART: ``0.25 / sqrt(D)``).
       config: tile sizes and launch parameters.
@@ -403,10 +404,10 @@ def level_attention(
     Returns:
       ``[B, Lq, H, D]`` in the input dtype.
     """
-    check_qkv(q_BLqHD, k_BLkHD, v_BLkHD)
+    check_qkv(q_BQAD, k_BKAD, v_BKAD)
     cfg = config or LevelAttentionConfig()
-    B, Lq, H, D = q_BLqHD.shape
-    Lk = k_BLkHD.shape[1]
+    B, Lq, H, D = q_BQAD.shape
+    Lk = k_BKAD.shape[1]
     q_lev = levels_2d(q_levels, B, Lq, "q_levels")
     k_lev = levels_2d(k_levels, B, Lk, "k_levels")
 
@@ -427,9 +428,9 @@ def level_attention(
     Pk = round_up(Lk, max(st.block_k, st.block_k_bwd))
     Dp = padded_head_dim(D)
 
-    q = pad_axis(pad_axis(q_BLqHD, 3, Dp), 1, Pq)
-    k = pad_axis(pad_axis(k_BLkHD, 3, Dp), 1, Pk)
-    v = pad_axis(pad_axis(v_BLkHD, 3, Dp), 1, Pk)
+    q = pad_axis(pad_axis(q_BQAD, 3, Dp), 1, Pq)
+    k = pad_axis(pad_axis(k_BKAD, 3, Dp), 1, Pk)
+    v = pad_axis(pad_axis(v_BKAD, 3, Dp), 1, Pk)
     q_lev = pad_axis(q_lev, 1, Pq, PAD_Q_LEVEL)
     k_lev = pad_axis(k_lev, 1, Pk, PAD_K_LEVEL)
 

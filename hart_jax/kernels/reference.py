@@ -12,7 +12,7 @@ Mask rules:
 A query that sees no key at all outputs zeros (and gets zero gradients); with
 HART's masks this never happens for a real token, only for padding.
 
-Dimensions: B batch, Lq query length, Lk key length, H heads, D head dim.
+Dimensions (docs/design.md): B batch; Q query tokens; K key tokens; A heads; D head dim.
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ def levels_2d(levels: jax.Array, batch: int, length: int, name: str) -> jax.Arra
     return levels.astype(jnp.int32)
 
 
-def level_mask(q_levels_BLq: jax.Array, k_levels_BLk: jax.Array) -> jax.Array:
+def level_mask(q_levels_BQ: jax.Array, k_levels_BK: jax.Array) -> jax.Array:
     """Boolean ``[B, Lq, Lk]``: key visible to query iff ``level(k) <= level(q)``."""
-    return k_levels_BLk[:, None, :] <= q_levels_BLq[:, :, None]
+    return k_levels_BK[:, None, :] <= q_levels_BQ[:, :, None]
 
 
 def masked_attention_reference(
-    q_BLqHD: jax.Array,
-    k_BLkHD: jax.Array,
-    v_BLkHD: jax.Array,
-    mask_BLqLk: jax.Array,
+    q_BQAD: jax.Array,
+    k_BKAD: jax.Array,
+    v_BKAD: jax.Array,
+    mask_BQK: jax.Array,
     scale: float,
     matmul_dtype: jnp.dtype | None = None,
     precision: jax.lax.PrecisionLike = _HIGHEST,
@@ -57,29 +57,29 @@ def masked_attention_reference(
     accumulation, like the fused kernels).
     """
     mdt = jnp.float32 if matmul_dtype is None else matmul_dtype
-    q = q_BLqHD.astype(mdt)
-    k = k_BLkHD.astype(mdt)
-    v = v_BLkHD.astype(mdt)
-    s_BHqk = jnp.einsum(
+    q = q_BQAD.astype(mdt)
+    k = k_BKAD.astype(mdt)
+    v = v_BKAD.astype(mdt)
+    s_BAQK = jnp.einsum(
         "bqhd,bkhd->bhqk", q, k, precision=precision, preferred_element_type=jnp.float32
     ) * scale
-    mask = mask_BLqLk[:, None, :, :]
-    s_BHqk = jnp.where(mask, s_BHqk, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(s_BHqk, axis=-1, keepdims=True))
+    mask = mask_BQK[:, None, :, :]
+    s_BAQK = jnp.where(mask, s_BAQK, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s_BAQK, axis=-1, keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.where(mask, jnp.exp(s_BHqk - m), 0.0)
+    p = jnp.where(mask, jnp.exp(s_BAQK - m), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0.0, 1.0, denom)
     o = jnp.einsum(
         "bhqk,bkhd->bqhd", p.astype(mdt), v, precision=precision, preferred_element_type=jnp.float32
     )
-    return o.astype(q_BLqHD.dtype)
+    return o.astype(q_BQAD.dtype)
 
 
 def level_attention_reference(
-    q_BLqHD: jax.Array,
-    k_BLkHD: jax.Array,
-    v_BLkHD: jax.Array,
+    q_BQAD: jax.Array,
+    k_BKAD: jax.Array,
+    v_BKAD: jax.Array,
     q_levels: jax.Array,
     k_levels: jax.Array,
     scale: float,
@@ -87,10 +87,10 @@ def level_attention_reference(
     precision: jax.lax.PrecisionLike = _HIGHEST,
 ) -> jax.Array:
     """HART's training attention: ``level(k) <= level(q)``; levels ``[L]`` or ``[B, L]``."""
-    B, Lq = q_BLqHD.shape[:2]
-    Lk = k_BLkHD.shape[1]
+    B, Lq = q_BQAD.shape[:2]
+    Lk = k_BKAD.shape[1]
     mask = level_mask(levels_2d(q_levels, B, Lq, "q_levels"), levels_2d(k_levels, B, Lk, "k_levels"))
-    return masked_attention_reference(q_BLqHD, k_BLkHD, v_BLkHD, mask, scale, matmul_dtype, precision)
+    return masked_attention_reference(q_BQAD, k_BKAD, v_BKAD, mask, scale, matmul_dtype, precision)
 
 
 def valid_len_1d(valid_len: jax.Array | int, batch: int) -> jax.Array:
@@ -106,20 +106,20 @@ def valid_len_1d(valid_len: jax.Array | int, batch: int) -> jax.Array:
 
 
 def cache_attention_reference(
-    q_BLqHD: jax.Array,
-    k_cache_BLmHD: jax.Array,
-    v_cache_BLmHD: jax.Array,
+    q_BQAD: jax.Array,
+    k_cache_BKAD: jax.Array,
+    v_cache_BKAD: jax.Array,
     valid_len: jax.Array | int,
     scale: float,
     matmul_dtype: jnp.dtype | None = None,
     precision: jax.lax.PrecisionLike = _HIGHEST,
 ) -> jax.Array:
     """Sampling attention: the queries see every cached key with index ``< valid_len``."""
-    B, Lq = q_BLqHD.shape[:2]
-    Lm = k_cache_BLmHD.shape[1]
+    B, Lq = q_BQAD.shape[:2]
+    Lm = k_cache_BKAD.shape[1]
     n_B = valid_len_1d(valid_len, B)
-    visible_BLm = jnp.arange(Lm, dtype=jnp.int32)[None, :] < n_B[:, None]
-    mask = jnp.broadcast_to(visible_BLm[:, None, :], (B, Lq, Lm))
+    visible_BK = jnp.arange(Lm, dtype=jnp.int32)[None, :] < n_B[:, None]
+    mask = jnp.broadcast_to(visible_BK[:, None, :], (B, Lq, Lm))
     return masked_attention_reference(
-        q_BLqHD, k_cache_BLmHD, v_cache_BLmHD, mask, scale, matmul_dtype, precision
+        q_BQAD, k_cache_BKAD, v_cache_BKAD, mask, scale, matmul_dtype, precision
     )

@@ -1,7 +1,7 @@
 """Sinusoidal timestep embedding and the two-layer MLP that embeds it.
 
-Dimensions: N timesteps (one per row); F frequency-embedding size (256);
-W hidden size of the embedder.
+Dimensions (docs/design.md): N rows (one timestep each); F frequency embedding size (256);
+f frequencies (F/2); C channels (the embedder's hidden size).
 
 Used twice in HART: the diffusion head embeds the diffusion step (0..999), and the
 transformer (``use_timestep_embed``) embeds the integer scale level of each token.
@@ -48,9 +48,9 @@ def timestep_embedding(t_N: jax.Array, dim: int = 256, max_period: float = 10000
         raise ValueError(f"timestep_embedding expects a 1-D array of timesteps, got shape {t_N.shape}")
     if dim < 2:
         raise ValueError(f"timestep_embedding needs dim >= 2, got {dim}")
-    freqs_H = jnp.asarray(timestep_frequencies(dim // 2, float(max_period)))
-    args_NH = t_N.astype(jnp.float32)[:, None] * freqs_H[None, :]
-    emb_NF = jnp.concatenate([jnp.cos(args_NH), jnp.sin(args_NH)], axis=-1)
+    freqs_f = jnp.asarray(timestep_frequencies(dim // 2, float(max_period)))
+    args_Nf = t_N.astype(jnp.float32)[:, None] * freqs_f[None, :]
+    emb_NF = jnp.concatenate([jnp.cos(args_Nf), jnp.sin(args_Nf)], axis=-1)
     if dim % 2:
         emb_NF = jnp.concatenate([emb_NF, jnp.zeros_like(emb_NF[:, :1])], axis=-1)
     return emb_NF

@@ -6,7 +6,8 @@ different cubic kernel (a=-0.5) and edge handling, so both are written here as
 separable linear maps: a constant ``[out, in]`` matrix per axis, built once in
 numpy and applied with two einsums at full fp32 precision.
 
-Dimensions: B batch, H/W input height/width, P/Q output height/width, C channels.
+Dimensions (docs/design.md): B batch; H height (input); W width (input);
+h small height (output, smaller or not); w small width (output); C channels.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Convolutional blocks of the HART tokenizer (VAR / LDM style), NHWC.
 
-Dimensions: B batch, H/W spatial, C channels, N = H*W tokens.
+Dimensions (docs/design.md): B batch; H height; W width; C channels; L tokens (H*W positions).
 Parameter names mirror the PyTorch modules (``norm1``, ``conv1``, ``nin_shortcut``,
 ``qkv``, ``proj_out``...) so the converter's table stays readable.
 """
@@ -97,13 +97,13 @@ class AttnBlock(nn.Module):
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
         b, h, w, c = x_BHWC.shape
         qkv = self.qkv(self.norm(x_BHWC).astype(self.dtype)).reshape(b, h * w, 3 * c)
-        q_BNC, k_BNC, v_BNC = jnp.split(qkv, 3, axis=-1)
-        logits = jnp.einsum("bqc,bkc->bqk", q_BNC, k_BNC, precision=self.precision)
+        q_BLC, k_BLC, v_BLC = jnp.split(qkv, 3, axis=-1)
+        logits = jnp.einsum("bqc,bkc->bqk", q_BLC, k_BLC, precision=self.precision)
         probs = jax.nn.softmax(logits.astype(jnp.float32) * (int(c) ** -0.5), axis=-1)
-        out_BNC = jnp.einsum(
-            "bqk,bkc->bqc", probs.astype(v_BNC.dtype), v_BNC, precision=self.precision
+        out_BLC = jnp.einsum(
+            "bqk,bkc->bqc", probs.astype(v_BLC.dtype), v_BLC, precision=self.precision
         )
-        return x_BHWC + self.proj_out(out_BNC.reshape(b, h, w, c))
+        return x_BHWC + self.proj_out(out_BLC.reshape(b, h, w, c))
 
 
 class Downsample2x(nn.Module):

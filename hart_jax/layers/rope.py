@@ -10,7 +10,8 @@ layouts (``ROPE_2D_LAYOUTS``):
                   pairs by the row, half by the column (a true 2-D RoPE; scores depend on
                   relative positions only). The default for models trained here.
 
-Dimensions: B batch, L tokens, H heads, D head dim, F = D/4 (2-D) or D/2 (1-D).
+Dimensions (docs/design.md): B batch; L tokens; A heads; D head dim; f frequencies (D/4 for
+2-D, D/2 for 1-D).
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x_BLHD: jax.Array, cos_BLD: jax.Array, sin_BLD: jax.Array) -> jax.Array:
+def apply_rope(x_BLAD: jax.Array, cos_BLD: jax.Array, sin_BLD: jax.Array) -> jax.Array:
     """``x * cos + rotate_half(x) * sin`` with cos/sin broadcast over heads (cast to x.dtype)."""
-    cos = cos_BLD[:, :, None, :].astype(x_BLHD.dtype)
-    sin = sin_BLD[:, :, None, :].astype(x_BLHD.dtype)
-    return x_BLHD * cos + rotate_half(x_BLHD) * sin
+    cos = cos_BLD[:, :, None, :].astype(x_BLAD.dtype)
+    sin = sin_BLD[:, :, None, :].astype(x_BLAD.dtype)
+    return x_BLAD * cos + rotate_half(x_BLAD) * sin

@@ -1,8 +1,8 @@
 """HART's hybrid tokenizer autoencoder (``HARTAutoEncoder``) in Flax Linen, NHWC.
 
-Dimensions:
-  B batch; Hi, Wi image side; H, W latent side (= image / 2**(len(ch_mult)-1));
-  C latent channels (``z_channels``); Ch hidden channels of a level.
+Dimensions (docs/design.md):
+  B batch; H height (image, or latent = image / 2**(len(ch_mult)-1)); W width (likewise);
+  C channels (an image's 3, a level's hidden channels); Z latent channels (``z_channels``).
 
 Images are NHWC float in [-1, 1]; ``decode`` clamps to [-1, 1]. The quantizer lives
 in ``hart_jax.models.quantizer``; this module wires encoder, ``quant_conv``,
@@ -204,8 +204,8 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(groups=cfg.norm_groups)
         self.conv_out = conv(cfg.in_channels, 3, **kw)
 
-    def __call__(self, z_BHWC: jax.Array, deterministic: bool = True) -> jax.Array:
-        h = self.mid(self.conv_in(z_BHWC.astype(self.dtype)), deterministic)
+    def __call__(self, z_BHWZ: jax.Array, deterministic: bool = True) -> jax.Array:
+        h = self.mid(self.conv_in(z_BHWZ.astype(self.dtype)), deterministic)
         for level in reversed(self.up):
             h = level(h, deterministic)
         return self.conv_out(nn.silu(self.norm_out(h)).astype(self.dtype)).astype(jnp.float32)
@@ -250,17 +250,17 @@ class HARTAutoEncoder(nn.Module):
         f = self.quant_conv(self.encoder(img_BHWC, deterministic))
         return f.astype(jnp.float32)
 
-    def decode_unclamped(self, f_hat_BHWC: jax.Array, deterministic: bool = True) -> jax.Array:
+    def decode_unclamped(self, f_hat_BHWZ: jax.Array, deterministic: bool = True) -> jax.Array:
         """``decoder(post_quant_conv(f_hat))`` without the clamp."""
-        return self.decoder(self.post_quant_conv(f_hat_BHWC), deterministic)
+        return self.decoder(self.post_quant_conv(f_hat_BHWZ), deterministic)
 
-    def decode(self, f_hat_BHWC: jax.Array) -> jax.Array:
+    def decode(self, f_hat_BHWZ: jax.Array) -> jax.Array:
         """``fhat_to_img``: latent -> image clamped to [-1, 1]."""
-        return jnp.clip(self.decode_unclamped(f_hat_BHWC), -1.0, 1.0)
+        return jnp.clip(self.decode_unclamped(f_hat_BHWZ), -1.0, 1.0)
 
-    def decode_discrete_second(self, f_hat_BHWC: jax.Array, deterministic: bool = True) -> jax.Array:
+    def decode_discrete_second(self, f_hat_BHWZ: jax.Array, deterministic: bool = True) -> jax.Array:
         """The optional second decoder (``double_decoder``) for the discrete-only path."""
-        return self.decoder2(self.post_quant_conv2(f_hat_BHWC), deterministic)
+        return self.decoder2(self.post_quant_conv2(f_hat_BHWZ), deterministic)
 
     def __call__(
         self,

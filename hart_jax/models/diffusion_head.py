@@ -1,12 +1,13 @@
 """HART's residual diffusion head (MAR-style ``DiffLoss`` + ``SimpleMLPAdaLN``).
 
-Dimensions:
-  N rows (one per token; with CFG the conditional rows are the first N/2);
-  Cv target channels (tokenizer ``z_channels``, 32 at 1024 px); D conditioning width
-  (transformer ``embed_dim``, 1536); W head width (``diff_width``, 1024);
-  S sampling steps (respaced, 8); F frequency-embedding size (256).
+Dimensions (docs/design.md):
+  N rows (one per token; with CFG the conditional rows are the first half);
+  B batch; L tokens; Z latent channels (the target, 32 at 1024 px);
+  C channels of the condition (the transformer's ``embed_dim``, 1536; this module's
+  ``z_channels``, MAR's name); M head width (``diff_width``, 1024); O head outputs (2Z);
+  J respaced steps (8); F frequency embedding size (256).
 
-The network maps ``(x_t [N, Cv], t [N], z [N, D])`` to ``[N, 2 Cv]``: ε followed by the
+The network maps ``(x_t [N, Z], t [N], z [N, C])`` to ``[N, 2Z]``: ε followed by the
 learned-range variance value v (``frac = (v + 1) / 2``). The sampler runs the respaced
 IDDPM chain (x0 clipped to [-1, 1], the network sees the ORIGINAL step index) and
 returns ``x0 * vae_scale``; training targets are divided by ``vae_scale`` (0.6).
@@ -58,11 +59,11 @@ class ResBlock(nn.Module):
         self.mlp_2 = nn.Dense(self.channels, **kw)
         self.adaLN_modulation_1 = nn.Dense(3 * self.channels, **kw)
 
-    def __call__(self, x_NW: jax.Array, y_NW: jax.Array) -> jax.Array:
-        shift, scale, gate = jnp.split(self.adaLN_modulation_1(nn.silu(y_NW)), 3, axis=-1)
-        h_NW = modulate(self.in_ln(x_NW), shift, scale)
-        h_NW = self.mlp_2(nn.silu(self.mlp_0(h_NW)))
-        return x_NW + gate * h_NW
+    def __call__(self, x_NM: jax.Array, y_NM: jax.Array) -> jax.Array:
+        shift, scale, gate = jnp.split(self.adaLN_modulation_1(nn.silu(y_NM)), 3, axis=-1)
+        h_NM = modulate(self.in_ln(x_NM), shift, scale)
+        h_NM = self.mlp_2(nn.silu(self.mlp_0(h_NM)))
+        return x_NM + gate * h_NM
 
 
 class FinalLayer(nn.Module):
@@ -81,9 +82,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Dense(self.out_channels, **kw)
         self.adaLN_modulation_1 = nn.Dense(2 * self.model_channels, **kw)
 
-    def __call__(self, x_NW: jax.Array, y_NW: jax.Array) -> jax.Array:
-        shift, scale = jnp.split(self.adaLN_modulation_1(nn.silu(y_NW)), 2, axis=-1)
-        return self.linear(modulate(self.norm_final(x_NW), shift, scale))
+    def __call__(self, x_NM: jax.Array, y_NM: jax.Array) -> jax.Array:
+        shift, scale = jnp.split(self.adaLN_modulation_1(nn.silu(y_NM)), 2, axis=-1)
+        return self.linear(modulate(self.norm_final(x_NM), shift, scale))
 
 
 class SimpleMLPAdaLN(nn.Module):
@@ -109,48 +110,48 @@ class SimpleMLPAdaLN(nn.Module):
         self.res_blocks = [ResBlock(self.model_channels, **kw) for _ in range(self.num_res_blocks)]
         self.final_layer = FinalLayer(self.model_channels, self.out_channels, **kw)
 
-    def check_inputs(self, x_NC: jax.Array, t_N: jax.Array, c_ND: jax.Array) -> None:
+    def check_inputs(self, x_NZ: jax.Array, t_N: jax.Array, c_NC: jax.Array) -> None:
         """Raise ``ValueError`` naming the first mis-shaped input."""
-        if x_NC.ndim != 2 or x_NC.shape[1] != self.in_channels:
-            raise ValueError(f"x must be [N, {self.in_channels}], got shape {tuple(x_NC.shape)}")
-        n = x_NC.shape[0]
-        if c_ND.ndim != 2 or c_ND.shape != (n, self.z_channels):
-            raise ValueError(f"c must be [N={n}, {self.z_channels}], got shape {tuple(c_ND.shape)}")
+        if x_NZ.ndim != 2 or x_NZ.shape[1] != self.in_channels:
+            raise ValueError(f"x must be [N, {self.in_channels}], got shape {tuple(x_NZ.shape)}")
+        n = x_NZ.shape[0]
+        if c_NC.ndim != 2 or c_NC.shape != (n, self.z_channels):
+            raise ValueError(f"c must be [N={n}, {self.z_channels}], got shape {tuple(c_NC.shape)}")
         if t_N.shape != (n,):
             raise ValueError(f"t must be [N={n}] timesteps, got shape {tuple(t_N.shape)}")
 
-    def __call__(self, x_NC: jax.Array, t_N: jax.Array, c_ND: jax.Array) -> jax.Array:
+    def __call__(self, x_NZ: jax.Array, t_N: jax.Array, c_NC: jax.Array) -> jax.Array:
         """``[N, Cv]``, ``[N]`` original timesteps, ``[N, D]`` -> ``[N, out_channels]``."""
-        x_NC, t_N, c_ND = jnp.asarray(x_NC), jnp.asarray(t_N), jnp.asarray(c_ND)
-        self.check_inputs(x_NC, t_N, c_ND)
-        x_NW = self.input_proj(x_NC)
-        y_NW = self.time_embed(t_N) + self.cond_embed(c_ND)
+        x_NZ, t_N, c_NC = jnp.asarray(x_NZ), jnp.asarray(t_N), jnp.asarray(c_NC)
+        self.check_inputs(x_NZ, t_N, c_NC)
+        x_NM = self.input_proj(x_NZ)
+        y_NM = self.time_embed(t_N) + self.cond_embed(c_NC)
         for block in self.res_blocks:
-            x_NW = block(x_NW, y_NW)
-        return self.final_layer(x_NW, y_NW)
+            x_NM = block(x_NM, y_NM)
+        return self.final_layer(x_NM, y_NM)
 
     def forward_with_cfg(
-        self, x_NC: jax.Array, t_N: jax.Array, c_ND: jax.Array, cfg_scale: float | jax.Array
+        self, x_NZ: jax.Array, t_N: jax.Array, c_NC: jax.Array, cfg_scale: float | jax.Array
     ) -> jax.Array:
         """Guided output: the first half of ``x`` is fed for both halves (cond z first,
         uncond z second); ε = ``(1 + s) ε_cond - s ε_uncond`` for both halves, the
         variance channels stay per half."""
-        x_NC = jnp.asarray(x_NC)
-        n = x_NC.shape[0] if x_NC.ndim else 0
+        x_NZ = jnp.asarray(x_NZ)
+        n = x_NZ.shape[0] if x_NZ.ndim else 0
         if n % 2:
             raise ValueError(f"forward_with_cfg needs an even number of rows (cond then uncond), got {n}")
-        half_HC = x_NC[: n // 2]
-        out_NO = self(jnp.concatenate([half_HC, half_HC], axis=0), t_N, c_ND)
-        eps_NC, rest_NC = out_NO[:, : self.in_channels], out_NO[:, self.in_channels :]
-        cond_HC, uncond_HC = eps_NC[: n // 2], eps_NC[n // 2 :]
-        guided_HC = cond_HC * (1 + cfg_scale) - cfg_scale * uncond_HC
-        return jnp.concatenate([jnp.concatenate([guided_HC, guided_HC], axis=0), rest_NC], axis=1)
+        half_NZ = x_NZ[: n // 2]
+        out_NO = self(jnp.concatenate([half_NZ, half_NZ], axis=0), t_N, c_NC)
+        eps_NZ, rest_NZ = out_NO[:, : self.in_channels], out_NO[:, self.in_channels :]
+        cond_NZ, uncond_NZ = eps_NZ[: n // 2], eps_NZ[n // 2 :]
+        guided_NZ = cond_NZ * (1 + cfg_scale) - cfg_scale * uncond_NZ
+        return jnp.concatenate([jnp.concatenate([guided_NZ, guided_NZ], axis=0), rest_NZ], axis=1)
 
 
 # ----------------------------------------------------------------- helpers
-def tile_rows(x_NC: jax.Array, mul: int) -> jax.Array:
-    """``x.repeat(mul, 1)`` of PyTorch: the whole ``[N, C]`` block copied ``mul`` times."""
-    return jnp.tile(x_NC, (int(mul), 1))
+def tile_rows(x: jax.Array, mul: int) -> jax.Array:
+    """``x.repeat(mul, 1)`` of PyTorch: the whole 2-D ``[N, ...]`` block copied ``mul`` times."""
+    return jnp.tile(x, (int(mul), 1))
 
 
 def draw_training_noise(
@@ -159,8 +160,8 @@ def draw_training_noise(
     """``t ~ U{0..num_timesteps-1}`` ``[rows]`` (int32) and ε ~ N(0, 1) ``[rows, channels]`` fp32."""
     k_t, k_n = jax.random.split(key)
     t_N = jax.random.randint(k_t, (rows,), 0, num_timesteps, dtype=jnp.int32)
-    noise_NC = jax.random.normal(k_n, (rows, channels), jnp.float32)
-    return t_N, noise_NC
+    noise_NZ = jax.random.normal(k_n, (rows, channels), jnp.float32)
+    return t_N, noise_NZ
 
 
 def _static_cfg(cfg: Any) -> float:
@@ -260,14 +261,14 @@ class DiffLoss(nn.Module):
 
     # ---------------------------------------------------------------- loss
     def __call__(
-        self, target_NC: jax.Array, z_ND: jax.Array, t_N: jax.Array, noise_NC: jax.Array,
+        self, target_NZ: jax.Array, z_NC: jax.Array, t_N: jax.Array, noise_NZ: jax.Array,
         mask_N: jax.Array | None = None,
     ) -> jax.Array:
         """Same as ``loss`` (used by ``init``)."""
-        return self.loss(target_NC, z_ND, t_N, noise_NC, mask_N)
+        return self.loss(target_NZ, z_NC, t_N, noise_NZ, mask_N)
 
     def loss_per_row(
-        self, target_NC: jax.Array, z_ND: jax.Array, t_N: jax.Array, noise_NC: jax.Array
+        self, target_NZ: jax.Array, z_NC: jax.Array, t_N: jax.Array, noise_NZ: jax.Array
     ) -> jax.Array:
         """``[N]`` IDDPM losses: ε-MSE (mean over Cv) + learned-range VB term (bits).
 
@@ -275,15 +276,15 @@ class DiffLoss(nn.Module):
         the VB term sees the ε prediction through ``stop_gradient`` (only v learns from it);
         at ``t == 0`` it is the discretized decoder NLL, otherwise KL(q(x_{t-1}|x_t,x_0) || p).
         """
-        target_NC, z_ND = jnp.asarray(target_NC), jnp.asarray(z_ND)
-        t_N, noise_NC = jnp.asarray(t_N), jnp.asarray(noise_NC)
+        target_NZ, z_NC = jnp.asarray(target_NZ), jnp.asarray(z_NC)
+        t_N, noise_NZ = jnp.asarray(t_N), jnp.asarray(noise_NZ)
         c = self.target_channels
-        if target_NC.ndim != 2 or target_NC.shape[1] != c:
-            raise ValueError(f"target must be [N, {c}], got shape {tuple(target_NC.shape)}")
-        if noise_NC.shape != target_NC.shape:
-            raise ValueError(f"noise must have the target's shape {tuple(target_NC.shape)}, got {tuple(noise_NC.shape)}")
-        if t_N.shape != target_NC.shape[:1]:
-            raise ValueError(f"t must be [N={target_NC.shape[0]}], got shape {tuple(t_N.shape)}")
+        if target_NZ.ndim != 2 or target_NZ.shape[1] != c:
+            raise ValueError(f"target must be [N, {c}], got shape {tuple(target_NZ.shape)}")
+        if noise_NZ.shape != target_NZ.shape:
+            raise ValueError(f"noise must have the target's shape {tuple(target_NZ.shape)}, got {tuple(noise_NZ.shape)}")
+        if t_N.shape != target_NZ.shape[:1]:
+            raise ValueError(f"t must be [N={target_NZ.shape[0]}], got shape {tuple(t_N.shape)}")
         if not jnp.issubdtype(t_N.dtype, jnp.integer):
             raise ValueError(f"t must hold integer timesteps, got dtype {t_N.dtype}")
         sched = self.train_schedule
@@ -291,21 +292,21 @@ class DiffLoss(nn.Module):
         def at(name: str) -> jax.Array:
             return sched.f32(name)[t_N][:, None]
 
-        x_start = target_NC.astype(jnp.float32) / self.vae_scale
-        noise_NC = noise_NC.astype(jnp.float32)
-        x_t = at("sqrt_alphas_cumprod") * x_start + at("sqrt_one_minus_alphas_cumprod") * noise_NC
+        x_start = target_NZ.astype(jnp.float32) / self.vae_scale
+        noise_NZ = noise_NZ.astype(jnp.float32)
+        x_t = at("sqrt_alphas_cumprod") * x_start + at("sqrt_one_minus_alphas_cumprod") * noise_NZ
         t_model = jnp.asarray(sched.timestep_map, jnp.int32)[t_N]
-        out_NO = self.net(x_t, t_model, z_ND).astype(jnp.float32)
-        eps_NC, v_NC = out_NO[:, :c], out_NO[:, c:]
-        mse_N = jnp.mean((noise_NC - eps_NC) ** 2, axis=-1)
+        out_NO = self.net(x_t, t_model, z_NC).astype(jnp.float32)
+        eps_NZ, v_NZ = out_NO[:, :c], out_NO[:, c:]
+        mse_N = jnp.mean((noise_NZ - eps_NZ) ** 2, axis=-1)
 
         coef1, coef2 = at("posterior_mean_coef1"), at("posterior_mean_coef2")
         min_log = at("posterior_log_variance_clipped")
         true_mean = coef1 * x_start + coef2 * x_t
-        eps_detached = jax.lax.stop_gradient(eps_NC)
+        eps_detached = jax.lax.stop_gradient(eps_NZ)
         x0_pred = at("sqrt_recip_alphas_cumprod") * x_t - at("sqrt_recipm1_alphas_cumprod") * eps_detached
         model_mean = coef1 * x0_pred + coef2 * x_t
-        frac = (v_NC + 1) / 2
+        frac = (v_NZ + 1) / 2
         model_log_var = frac * at("log_betas") + (1 - frac) * min_log
         kl_N = jnp.mean(_normal_kl(true_mean, min_log, model_mean, model_log_var), axis=-1) / math.log(2.0)
         nll_N = -jnp.mean(
@@ -315,11 +316,11 @@ class DiffLoss(nn.Module):
         return mse_N + vb_N
 
     def loss(
-        self, target_NC: jax.Array, z_ND: jax.Array, t_N: jax.Array, noise_NC: jax.Array,
+        self, target_NZ: jax.Array, z_NC: jax.Array, t_N: jax.Array, noise_NZ: jax.Array,
         mask_N: jax.Array | None = None,
     ) -> jax.Array:
         """Scalar training loss: mean over rows (or ``sum(loss * mask) / sum(mask)``)."""
-        per_row = self.loss_per_row(target_NC, z_ND, t_N, noise_NC)
+        per_row = self.loss_per_row(target_NZ, z_NC, t_N, noise_NZ)
         if mask_N is None:
             return jnp.mean(per_row)
         mask_N = jnp.asarray(mask_N, jnp.float32)
@@ -329,8 +330,8 @@ class DiffLoss(nn.Module):
 
     def tiled_loss(
         self,
-        target_BLC: jax.Array,
-        z_BLD: jax.Array,
+        target_BLZ: jax.Array,
+        z_BLC: jax.Array,
         batch_mul: int,
         *,
         key: jax.Array | None = None,
@@ -343,30 +344,30 @@ class DiffLoss(nn.Module):
         Give either ``key`` (draws ``t`` and ε for the ``batch_mul * rows`` tiled rows)
         or both ``t`` ``[M]`` and ``noise`` ``[M, Cv]`` in tiled order (parity).
         """
-        target_BLC, z_BLD = jnp.asarray(target_BLC), jnp.asarray(z_BLD)
+        target_BLZ, z_BLC = jnp.asarray(target_BLZ), jnp.asarray(z_BLC)
         c, d = self.target_channels, self.z_channels
-        if target_BLC.ndim < 2 or target_BLC.shape[-1] != c:
-            raise ValueError(f"target must be [..., {c}], got shape {tuple(target_BLC.shape)}")
-        if z_BLD.shape[:-1] != target_BLC.shape[:-1] or z_BLD.shape[-1] != d:
+        if target_BLZ.ndim < 2 or target_BLZ.shape[-1] != c:
+            raise ValueError(f"target must be [..., {c}], got shape {tuple(target_BLZ.shape)}")
+        if z_BLC.shape[:-1] != target_BLZ.shape[:-1] or z_BLC.shape[-1] != d:
             raise ValueError(
-                f"z must be {tuple(target_BLC.shape[:-1]) + (d,)} to match the target, got {tuple(z_BLD.shape)}"
+                f"z must be {tuple(target_BLZ.shape[:-1]) + (d,)} to match the target, got {tuple(z_BLC.shape)}"
             )
         if batch_mul < 1:
             raise ValueError(f"batch_mul must be >= 1, got {batch_mul}")
-        target_MC = tile_rows(target_BLC.reshape(-1, c), batch_mul)
-        z_MD = tile_rows(z_BLD.reshape(-1, d), batch_mul)
+        target_NZ = tile_rows(target_BLZ.reshape(-1, c), batch_mul)
+        z_NC = tile_rows(z_BLC.reshape(-1, d), batch_mul)
         if key is not None:
             if t is not None or noise is not None:
                 raise ValueError("give either key or (t, noise), not both")
-            t, noise = draw_training_noise(key, target_MC.shape[0], c, self.train_schedule.num_timesteps)
+            t, noise = draw_training_noise(key, target_NZ.shape[0], c, self.train_schedule.num_timesteps)
         elif t is None or noise is None:
             raise ValueError("tiled_loss needs a key, or both t and noise")
-        return self.loss(target_MC, z_MD, t, noise)
+        return self.loss(target_NZ, z_NC, t, noise)
 
     # -------------------------------------------------------------- sampling
     def sample(
         self,
-        z_ND: jax.Array,
+        z_NC: jax.Array,
         cfg: float,
         *,
         init_noise: jax.Array,
@@ -391,12 +392,12 @@ class DiffLoss(nn.Module):
             guided = guidance != 1.0
         else:
             guidance = cfg
-        z_ND = jnp.asarray(z_ND)
+        z_NC = jnp.asarray(z_NC)
         init_noise, step_noise = jnp.asarray(init_noise, jnp.float32), jnp.asarray(step_noise, jnp.float32)
         c = self.target_channels
-        if z_ND.ndim != 2 or z_ND.shape[1] != self.z_channels:
-            raise ValueError(f"z must be [N, {self.z_channels}], got shape {tuple(z_ND.shape)}")
-        n = z_ND.shape[0]
+        if z_NC.ndim != 2 or z_NC.shape[1] != self.z_channels:
+            raise ValueError(f"z must be [N, {self.z_channels}], got shape {tuple(z_NC.shape)}")
+        n = z_NC.shape[0]
         if guided and n % 2:
             raise ValueError(f"with guidance z must hold cond rows then uncond rows (even N), got N={n}")
         n_init = n // 2 if guided else n
@@ -410,7 +411,7 @@ class DiffLoss(nn.Module):
         if step_noise.shape != (s, n, c):
             raise ValueError(f"step_noise must be [S={s}, N={n}, {c}], got shape {tuple(step_noise.shape)}")
 
-        x_NC = jnp.concatenate([init_noise, init_noise], axis=0) if guided else init_noise
+        x_NZ = jnp.concatenate([init_noise, init_noise], axis=0) if guided else init_noise
         # fp32 [S] constants, gathered by the respaced step k inside the loop
         log_beta = sched.f32("log_betas")
         log_post_var = sched.f32("posterior_log_variance_clipped")
@@ -424,9 +425,9 @@ class DiffLoss(nn.Module):
             k = s - 1 - j  # loop iteration j runs respaced step S-1-j
             t_N = jnp.full((n,), tmap[k], jnp.int32)
             if guided:
-                out = mdl.net.forward_with_cfg(x, t_N, z_ND, guidance)
+                out = mdl.net.forward_with_cfg(x, t_N, z_NC, guidance)
             else:
-                out = mdl.net(x, t_N, z_ND)
+                out = mdl.net(x, t_N, z_NC)
             out = out.astype(jnp.float32)
             eps, v = out[:, :c], out[:, c:]
             frac = (v + 1) / 2
@@ -436,19 +437,19 @@ class DiffLoss(nn.Module):
             noise_term = jnp.exp(0.5 * log_var) * step_noise[j] * temperature
             return j + 1, mean + jnp.where(k != 0, noise_term, 0.0)  # no noise at the last step
 
-        _, x_NC = nn.while_loop(lambda mdl, carry: carry[0] < s, step, self, (jnp.int32(0), x_NC))
-        return x_NC * self.vae_scale
+        _, x_NZ = nn.while_loop(lambda mdl, carry: carry[0] < s, step, self, (jnp.int32(0), x_NZ))
+        return x_NZ * self.vae_scale
 
     def sample_with_key(
-        self, z_ND: jax.Array, cfg: float, key: jax.Array, temperature: float | jax.Array = 1.0
+        self, z_NC: jax.Array, cfg: float, key: jax.Array, temperature: float | jax.Array = 1.0
     ) -> jax.Array:
         """``sample`` with its initial and per-step noise drawn from ``key`` (deterministic per key)."""
         guided = _static_cfg(cfg) != 1.0
-        z_ND = jnp.asarray(z_ND)
-        if z_ND.ndim != 2:
-            raise ValueError(f"z must be [N, {self.z_channels}], got shape {tuple(z_ND.shape)}")
-        n, c, s = z_ND.shape[0], self.target_channels, self.gen_schedule.num_timesteps
+        z_NC = jnp.asarray(z_NC)
+        if z_NC.ndim != 2:
+            raise ValueError(f"z must be [N, {self.z_channels}], got shape {tuple(z_NC.shape)}")
+        n, c, s = z_NC.shape[0], self.target_channels, self.gen_schedule.num_timesteps
         k_init, k_step = jax.random.split(key)
         init_noise = jax.random.normal(k_init, ((n // 2 if guided else n), c), jnp.float32)
         step_noise = jax.random.normal(k_step, (s, n, c), jnp.float32)
-        return self.sample(z_ND, cfg, init_noise=init_noise, step_noise=step_noise, temperature=temperature)
+        return self.sample(z_NC, cfg, init_noise=init_noise, step_noise=step_noise, temperature=temperature)

@@ -1,7 +1,8 @@
 """The release's PatchGAN discriminator (taming ``NLayerDiscriminator``) in Flax Linen, NHWC.
 
-Dimensions:
-  B batch; Hi, Wi image side; h, w side of the patch logits map; C channels.
+Dimensions (docs/design.md):
+  B batch; H height (image); W width (image); h small height (the patch logits map);
+  w small width; C channels.
 
 Layout (``n_layers=3``, ``ndf=64``; the index of each module in torch's ``main``
 Sequential is the Flax submodule name ``main_<i>``, so the converter is a table):

@@ -1,9 +1,9 @@
 """LPIPS (VGG16 trunk) perceptual distance in Flax Linen, NHWC, from a local weight file.
 
-Dimensions:
-  B batch; H, W image side (>= 16: four 2x2 max-pools before relu5_3);
-  Hl, Wl side of feature level l; C channels of a level (64, 128, 256, 512, 512);
-  L the five levels (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3).
+Dimensions (docs/design.md):
+  B batch; R doubled batch (x then y through one trunk call); H height (image >= 16:
+  four 2x2 max-pools before relu5_3; each level its own); W width (likewise);
+  C channels (3, then per level 64, 128, 256, 512, 512).
 
 The metric of the ``lpips`` package (``LPIPS(net='vgg')``, v0.1): images in [-1, 1]
 -> ScalingLayer -> torchvision's ``vgg16().features`` up to relu5_3 -> each level's
@@ -120,12 +120,12 @@ class LPIPS(nn.Module):
         B = x_BHWC.shape[0]
         shift = jnp.asarray(SHIFT, jnp.float32)
         scale = jnp.asarray(SCALE, jnp.float32)
-        xy_2BHWC = jnp.concatenate([x_BHWC, y_BHWC], axis=0).astype(jnp.float32)
-        xy_2BHWC = (xy_2BHWC - shift) / scale
+        xy_RHWC = jnp.concatenate([x_BHWC, y_BHWC], axis=0).astype(jnp.float32)
+        xy_RHWC = (xy_RHWC - shift) / scale
         out = []
-        for lin, f_2BHWC in zip(self.lins, self.net(xy_2BHWC.astype(self.dtype))):
-            f_2BHWC = _unit_normalize(f_2BHWC)
-            d_BHWC = jnp.square(f_2BHWC[:B] - f_2BHWC[B:])
+        for lin, f_RHWC in zip(self.lins, self.net(xy_RHWC.astype(self.dtype))):
+            f_RHWC = _unit_normalize(f_RHWC)
+            d_BHWC = jnp.square(f_RHWC[:B] - f_RHWC[B:])
             out.append(jnp.mean(lin(d_BHWC)[..., 0], axis=(1, 2)))
         return jnp.stack(out, axis=1)
 

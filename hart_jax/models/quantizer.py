@@ -1,9 +1,10 @@
 """HART's hybrid multi-scale residual quantizer (VAR-style), NHWC.
 
-Dimensions:
-  B batch; H, W latent side (= last patch number, 64 for 1024 px); C latent
-  channels (``z_channels``, 32); V codebook size (4096); S number of scales;
-  pn side of one scale; l = pn*pn tokens of one scale; L total tokens.
+Dimensions (docs/design.md):
+  B batch; H height of the latent (= last patch number, 64 for 1024 px); W width;
+  h small height (one scale's side pn); w small width; Z latent channels
+  (``z_channels``, 32); V vocabulary (codebook, 4096); S scales; l scale tokens (pn*pn);
+  L tokens of all scales; N rows (latent vectors looked up).
 
 Conventions (see docs/design.md and the reference §2.6-2.9):
   * token maps are flattened row-major (``index = row * pn + col``);
@@ -55,13 +56,13 @@ def phi_index(si: int, num_scales: int, num_convs: int) -> int:
     return int(np.argmin(np.abs(ticks - at)))
 
 
-def nearest_code(z_NC: jax.Array, codebook_VC: jax.Array) -> jax.Array:
+def nearest_code(z_NZ: jax.Array, codebook_VZ: jax.Array) -> jax.Array:
     """Index of the nearest codebook row by squared L2 (ties -> first index).
 
     Computed as the reference does: ``|z|^2 + |e|^2 - 2 z.e``.
     """
-    z = z_NC.astype(jnp.float32)
-    e = codebook_VC.astype(jnp.float32)
+    z = z_NZ.astype(jnp.float32)
+    e = codebook_VZ.astype(jnp.float32)
     d_NV = (
         jnp.sum(z * z, axis=1, keepdims=True)
         + jnp.sum(e * e, axis=1)[None, :]
@@ -112,34 +113,34 @@ class MultiScaleQuantizer(nn.Module):
         b = idx_Bl.shape[0]
         return jnp.take(self.codebook, idx_Bl, axis=0).reshape(b, pn, pn, self.z_channels)
 
-    def phi(self, h_BHWC: jax.Array, si: int, num_scales: int) -> jax.Array:
+    def phi(self, h_BHWZ: jax.Array, si: int, num_scales: int) -> jax.Array:
         """``(1 - r) * h + r * conv_k(h)`` with k from the tick rule (identity if r ~ 0)."""
         if self.phi_ratio <= 1e-6:
-            return h_BHWC
+            return h_BHWZ
         k = phi_index(si, num_scales, len(self.quant_resi))
         r = self.phi_ratio
-        return h_BHWC * (1.0 - r) + self.quant_resi[k](h_BHWC) * r
+        return h_BHWZ * (1.0 - r) + self.quant_resi[k](h_BHWZ) * r
 
-    def __call__(self, h_BHWC: jax.Array) -> jax.Array:
+    def __call__(self, h_BHWZ: jax.Array) -> jax.Array:
         """Touch every parameter (used only by ``init``)."""
-        out = h_BHWC + jnp.sum(self.codebook) * 0.0
+        out = h_BHWZ + jnp.sum(self.codebook) * 0.0
         if self.phi_ratio > 1e-6:
             for k in range(len(self.quant_resi)):
-                out = out + self.quant_resi[k](h_BHWC) * 0.0
+                out = out + self.quant_resi[k](h_BHWZ) * 0.0
         return out
 
     # ----------------------------------------------------------- tokenization
     def f_to_idx_and_frest(
-        self, f_BHWC: jax.Array, patch_nums: Sequence[int]
+        self, f_BHWZ: jax.Array, patch_nums: Sequence[int]
     ) -> tuple[list[jax.Array], jax.Array]:
         """Hybrid tokenization (``f_to_idxBl_and_frest``).
 
         Returns the S index maps ``[B, pn^2]`` and the continuous residual before the
         last discrete scale, ``[B, H*W, C]`` (the transformer's ``last_layer_gt``).
         """
-        b, h, w, c = f_BHWC.shape
+        b, h, w, c = f_BHWZ.shape
         sn = len(patch_nums)
-        f_rest = f_BHWC.astype(jnp.float32)
+        f_rest = f_BHWZ.astype(jnp.float32)
         idx_list = []
         frest_wo_last = f_rest
         for si, pn in enumerate(patch_nums):
@@ -183,8 +184,8 @@ class MultiScaleQuantizer(nn.Module):
         self,
         si: int,
         patch_nums: Sequence[int],
-        f_hat_BHWC: jax.Array,
-        h_BhwC: jax.Array,
+        f_hat_BHWZ: jax.Array,
+        h_BhwZ: jax.Array,
     ) -> tuple[jax.Array, jax.Array]:
         """Add scale ``si``'s code map to f_hat; return (f_hat, next scale's input).
 
@@ -195,10 +196,10 @@ class MultiScaleQuantizer(nn.Module):
         sn = len(patch_nums)
         side = patch_nums[-1]
         if si != sn - 1:
-            f_hat_BHWC = f_hat_BHWC + self.phi(bicubic_resize(h_BhwC, side), si, sn)
-            return f_hat_BHWC, area_resize(f_hat_BHWC, patch_nums[si + 1])
-        f_hat_BHWC = f_hat_BHWC + h_BhwC
-        return f_hat_BHWC, f_hat_BHWC
+            f_hat_BHWZ = f_hat_BHWZ + self.phi(bicubic_resize(h_BhwZ, side), si, sn)
+            return f_hat_BHWZ, area_resize(f_hat_BHWZ, patch_nums[si + 1])
+        f_hat_BHWZ = f_hat_BHWZ + h_BhwZ
+        return f_hat_BHWZ, f_hat_BHWZ
 
     def teacher_forcing_inputs(
         self, idx_list: Sequence[jax.Array], patch_nums: Sequence[int]
@@ -225,7 +226,7 @@ class MultiScaleQuantizer(nn.Module):
     # --------------------------------------------------------------- training
     def training_forward(
         self,
-        f_BHWC: jax.Array,
+        f_BHWZ: jax.Array,
         patch_nums: Sequence[int],
         use_continuous: jax.Array | bool,
     ) -> tuple[jax.Array, jax.Array, list[jax.Array]]:
@@ -237,8 +238,8 @@ class MultiScaleQuantizer(nn.Module):
         discrete-only f_hat. Straight-through output ``sg(f_hat) - sg(f) + f``.
         Returns (f_hat_st, vq_loss, idx_list).
         """
-        b, h, w, c = f_BHWC.shape
-        f = f_BHWC.astype(jnp.float32)
+        b, h, w, c = f_BHWZ.shape
+        f = f_BHWZ.astype(jnp.float32)
         f_ng = jax.lax.stop_gradient(f)
         sn = len(patch_nums)
         f_rest = f_ng

@@ -1,10 +1,10 @@
 """Qwen2 language model (HART's text encoder) in Flax Linen.
 
-Dimensions:
-  B batch; S sequence length (prompt prefix + prompt tokens); D hidden size
-  (``hidden_size``, 1536); H query heads (12); K key/value heads (2); G = H / K
-  query heads per key/value head; hd head dim (128); F MLP width (8960);
-  V vocabulary (151936); L layers (28).
+Dimensions (docs/design.md):
+  B batch; L tokens (prompt prefix + prompt tokens); Q query tokens; K key tokens
+  (both L, named apart in attention); E text width (``hidden_size``, 1536); A heads
+  (query heads, 12); G key/value heads (2); g group size (A / G); D head dim (128);
+  f frequencies (D/2); I MLP width (8960); V vocabulary (151936); X depth (layers, 28).
 
 The model is ``transformers``' ``Qwen2Model`` (no LM head): token embedding, L
 pre-norm decoder layers (grouped-query attention with q/k/v biases and no output
@@ -195,27 +195,27 @@ def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
 
 
 def rope_cos_sin(
-    position_ids_BS: jax.Array, head_dim: int, theta: float, dtype: Dtype = jnp.float32
+    position_ids_BL: jax.Array, head_dim: int, theta: float, dtype: Dtype = jnp.float32
 ) -> tuple[jax.Array, jax.Array]:
     """cos/sin ``[B, S, hd]`` of the angles ``pos * inv_freq`` (fp32), repeated twice."""
     inv = jnp.asarray(rope_inv_freq(head_dim, theta))
-    freqs_BSh = position_ids_BS.astype(jnp.float32)[..., None] * inv
-    emb = jnp.concatenate([freqs_BSh, freqs_BSh], axis=-1)
+    freqs_BLf = position_ids_BL.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([freqs_BLf, freqs_BLf], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
-def apply_rope(x_BSNh: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array) -> jax.Array:
+def apply_rope(x_BLAD: jax.Array, cos_BLD: jax.Array, sin_BLD: jax.Array) -> jax.Array:
     """Rotate-half RoPE: dim ``k`` pairs with ``k + hd/2``."""
-    half = x_BSNh.shape[-1] // 2
-    rot = jnp.concatenate([-x_BSNh[..., half:], x_BSNh[..., :half]], axis=-1)
-    return x_BSNh * cos_BSh[:, :, None, :] + rot * sin_BSh[:, :, None, :]
+    half = x_BLAD.shape[-1] // 2
+    rot = jnp.concatenate([-x_BLAD[..., half:], x_BLAD[..., :half]], axis=-1)
+    return x_BLAD * cos_BLD[:, :, None, :] + rot * sin_BLD[:, :, None, :]
 
 
-def causal_padding_mask(attention_mask_BS: jax.Array) -> jax.Array:
+def causal_padding_mask(attention_mask_BL: jax.Array) -> jax.Array:
     """bool ``[B, Sq, Sk]``: key ``k`` visible to query ``q`` iff ``k <= q`` and ``mask[k]``."""
-    s = attention_mask_BS.shape[1]
-    causal_SS = jnp.tril(jnp.ones((s, s), dtype=bool))
-    return causal_SS[None] & attention_mask_BS.astype(bool)[:, None, :]
+    s = attention_mask_BL.shape[1]
+    causal_QK = jnp.tril(jnp.ones((s, s), dtype=bool))
+    return causal_QK[None] & attention_mask_BL.astype(bool)[:, None, :]
 
 
 def _dense(
@@ -251,8 +251,8 @@ class RMSNorm(nn.Module):
         init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
         self.scale = self.param("scale", init, (self.dim,), self.param_dtype)
 
-    def __call__(self, x_BSD: jax.Array) -> jax.Array:
-        x = x_BSD.astype(jnp.float32)
+    def __call__(self, x_BLE: jax.Array) -> jax.Array:
+        x = x_BLE.astype(jnp.float32)
         var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
         y = (x * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
         return self.scale.astype(self.dtype) * y
@@ -278,26 +278,26 @@ class Qwen2Attention(nn.Module):
         self.o_proj = _dense(self.hidden_size, ("heads", "embed"), use_bias=False, **kw)
 
     def __call__(
-        self, x_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, mask_BSS: jax.Array
+        self, x_BLE: jax.Array, cos_BLD: jax.Array, sin_BLD: jax.Array, mask_BQK: jax.Array
     ) -> jax.Array:
-        b, s, _ = x_BSD.shape
+        b, s, _ = x_BLE.shape
         h, k, hd = self.num_heads, self.num_kv_heads, self.head_dim
         g = h // k
-        q_BSHh = apply_rope(self.q_proj(x_BSD).reshape(b, s, h, hd), cos_BSh, sin_BSh)
-        k_BSKh = apply_rope(self.k_proj(x_BSD).reshape(b, s, k, hd), cos_BSh, sin_BSh)
-        v_BSKh = self.v_proj(x_BSD).reshape(b, s, k, hd)
+        q_BLAD = apply_rope(self.q_proj(x_BLE).reshape(b, s, h, hd), cos_BLD, sin_BLD)
+        k_BLGD = apply_rope(self.k_proj(x_BLE).reshape(b, s, k, hd), cos_BLD, sin_BLD)
+        v_BLGD = self.v_proj(x_BLE).reshape(b, s, k, hd)
         # Query head n uses key/value head n // G (transformers' repeat_kv order).
-        q_BSKGh = q_BSHh.reshape(b, s, k, g, hd)
-        logits_BKGST = jnp.einsum("bskgh,btkh->bkgst", q_BSKGh, k_BSKh, precision=self.precision)
-        logits_BKGST = logits_BKGST.astype(jnp.float32) * (hd**-0.5)
-        visible_B11ST = mask_BSS[:, None, None]
-        logits_BKGST = jnp.where(visible_B11ST, logits_BKGST, jnp.finfo(jnp.float32).min)
-        probs_BKGST = jax.nn.softmax(logits_BKGST, axis=-1)
+        q_BLGgD = q_BLAD.reshape(b, s, k, g, hd)
+        logits_BGgQK = jnp.einsum("bskgh,btkh->bkgst", q_BLGgD, k_BLGD, precision=self.precision)
+        logits_BGgQK = logits_BGgQK.astype(jnp.float32) * (hd**-0.5)
+        visible_B11QK = mask_BQK[:, None, None]
+        logits_BGgQK = jnp.where(visible_B11QK, logits_BGgQK, jnp.finfo(jnp.float32).min)
+        probs_BGgQK = jax.nn.softmax(logits_BGgQK, axis=-1)
         # Rows that see no key at all attend to nothing (zero output).
-        any_B11S1 = jnp.any(visible_B11ST, axis=-1, keepdims=True)
-        probs_BKGST = jnp.where(any_B11S1, probs_BKGST, 0.0).astype(self.dtype)
-        out_BSKGh = jnp.einsum("bkgst,btkh->bskgh", probs_BKGST, v_BSKh, precision=self.precision)
-        return self.o_proj(out_BSKGh.reshape(b, s, h * hd))
+        any_B11Q1 = jnp.any(visible_B11QK, axis=-1, keepdims=True)
+        probs_BGgQK = jnp.where(any_B11Q1, probs_BGgQK, 0.0).astype(self.dtype)
+        out_BLGgD = jnp.einsum("bkgst,btkh->bskgh", probs_BGgQK, v_BLGD, precision=self.precision)
+        return self.o_proj(out_BLGgD.reshape(b, s, h * hd))
 
 
 class Qwen2MLP(nn.Module):
@@ -315,8 +315,8 @@ class Qwen2MLP(nn.Module):
         self.up_proj = _dense(self.intermediate_size, ("embed", "mlp"), **kw)
         self.down_proj = _dense(self.hidden_size, ("mlp", "embed"), **kw)
 
-    def __call__(self, x_BSD: jax.Array) -> jax.Array:
-        return self.down_proj(nn.silu(self.gate_proj(x_BSD)) * self.up_proj(x_BSD))
+    def __call__(self, x_BLE: jax.Array) -> jax.Array:
+        return self.down_proj(nn.silu(self.gate_proj(x_BLE)) * self.up_proj(x_BLE))
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -343,11 +343,11 @@ class Qwen2DecoderLayer(nn.Module):
         self.mlp = Qwen2MLP(c.hidden_size, c.intermediate_size, precision=self.precision, **kw)
 
     def __call__(
-        self, x_BSD: jax.Array, cos_BSh: jax.Array, sin_BSh: jax.Array, mask_BSS: jax.Array
+        self, x_BLE: jax.Array, cos_BLD: jax.Array, sin_BLD: jax.Array, mask_BQK: jax.Array
     ) -> jax.Array:
-        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_BSh, sin_BSh, mask_BSS)
-        x_BSD = x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))
-        return nn.with_logical_constraint(x_BSD, ("batch", "length", "embed"))
+        x_BLE = x_BLE + self.self_attn(self.input_layernorm(x_BLE), cos_BLD, sin_BLD, mask_BQK)
+        x_BLE = x_BLE + self.mlp(self.post_attention_layernorm(x_BLE))
+        return nn.with_logical_constraint(x_BLE, ("batch", "length", "embed"))
 
 
 class Qwen2Model(nn.Module):
@@ -373,29 +373,29 @@ class Qwen2Model(nn.Module):
 
     def __call__(
         self,
-        input_ids_BS: jax.Array,
-        attention_mask_BS: jax.Array | None = None,
-        position_ids_BS: jax.Array | None = None,
+        input_ids_BL: jax.Array,
+        attention_mask_BL: jax.Array | None = None,
+        position_ids_BL: jax.Array | None = None,
     ) -> jax.Array:
         """Last hidden state ``[B, S, D]`` (after the final norm, in ``dtype``).
 
-        ``attention_mask_BS`` (1 = real token, default all ones) masks keys;
-        ``position_ids_BS`` defaults to ``0..S-1`` for every row, as transformers
+        ``attention_mask_BL`` (1 = real token, default all ones) masks keys;
+        ``position_ids_BL`` defaults to ``0..S-1`` for every row, as transformers
         uses when it is given none.
         """
-        b, s = input_ids_BS.shape
-        if attention_mask_BS is None:
-            attention_mask_BS = jnp.ones((b, s), dtype=bool)
-        if position_ids_BS is None:
-            position_ids_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        b, s = input_ids_BL.shape
+        if attention_mask_BL is None:
+            attention_mask_BL = jnp.ones((b, s), dtype=bool)
+        if position_ids_BL is None:
+            position_ids_BL = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         c = self.config
-        mask_BSS = causal_padding_mask(attention_mask_BS)
-        cos_BSh, sin_BSh = rope_cos_sin(position_ids_BS, c.resolved_head_dim, c.rope_theta, self.dtype)
-        x_BSD = self.embed_tokens(input_ids_BS).astype(self.dtype)
-        x_BSD = nn.with_logical_constraint(x_BSD, ("batch", "length", "embed"))
+        mask_BQK = causal_padding_mask(attention_mask_BL)
+        cos_BLD, sin_BLD = rope_cos_sin(position_ids_BL, c.resolved_head_dim, c.rope_theta, self.dtype)
+        x_BLE = self.embed_tokens(input_ids_BL).astype(self.dtype)
+        x_BLE = nn.with_logical_constraint(x_BLE, ("batch", "length", "embed"))
         for layer in self.layers:
-            x_BSD = layer(x_BSD, cos_BSh, sin_BSh, mask_BSS)
-        return self.norm(x_BSD)
+            x_BLE = layer(x_BLE, cos_BLD, sin_BLD, mask_BQK)
+        return self.norm(x_BLE)
 
 
 # ------------------------------------------------------------------ sharding

@@ -1,10 +1,11 @@
 """HART's autoregressive transformer over scales (``HARTForT2I``; class-conditional variant).
 
-Dimensions:
+Dimensions (docs/design.md):
   B batch (2B rows when classifier-free guidance doubles it); T context tokens (300);
-  Dc context width (Qwen2 hidden, 1536); C model width; H heads; hd = C / H;
-  L sequence length; l tokens of one scale; K kept tokens of the last scale;
-  V codebook size; Cv latent channels; N number of scales; Hm SwiGLU hidden width.
+  E text width (the context, Qwen2 hidden, 1536); C channels (model width ``embed_dim``);
+  A heads; D head dim (= C / A); L tokens of the sequence; l scale tokens;
+  k kept tokens of the last scale; K key tokens (a KV cache's entries); X depth;
+  V vocabulary (codebook size); Z latent channels; S scales; I MLP width (SwiGLU hidden).
 
 Sequence layout (text-to-image): ``[T text tokens (level 0) | scale 1 | ... | scale N-1]``;
 the output at the last text position predicts scale 0 (1x1). Class-conditional
@@ -453,9 +454,9 @@ class HARTTransformer(nn.Module):
         h = self.head_nm(h_BLC.astype(jnp.float32), cond.astype(jnp.float32))
         return self.head(h).astype(jnp.float32)
 
-    def diffusion_condition(self, h_BKC: jax.Array, code_BKCv: jax.Array) -> jax.Array:
+    def diffusion_condition(self, h_BkC: jax.Array, code_BkZ: jax.Array) -> jax.Array:
         """``decoder_norm(h + word_embed(E[idx]))``: the diffusion head's conditioning."""
-        return self.decoder_norm(h_BKC + self.word_embed(code_BKCv).astype(h_BKC.dtype))
+        return self.decoder_norm(h_BkC + self.word_embed(code_BkZ).astype(h_BkC.dtype))
 
     def _visual_positions(self, patch_nums: Sequence[int], offset_B: jax.Array | None) -> jax.Array:
         pos = jnp.asarray(grid_positions(patch_nums, self.cfg.patch_nums[-1]))[None]
@@ -467,39 +468,39 @@ class HARTTransformer(nn.Module):
     def teacher_forced(
         self,
         context: jax.Array,
-        x_BLCv: jax.Array,
+        x_BLZ: jax.Array,
         context_position_ids: jax.Array | None,
         context_mask: jax.Array | None,
-        last_kept_BK: jax.Array | None = None,
+        last_kept_Bk: jax.Array | None = None,
         deterministic: bool = True,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The training forward (teacher forcing).
 
-        ``x_BLCv``: teacher-forcing inputs of scales 1..N-1 ``[B, sum_{s>=1} pn^2, Cv]``.
-        ``last_kept_BK``: ascending indices of the last-scale tokens kept (token
+        ``x_BLZ``: teacher-forcing inputs of scales 1..N-1 ``[B, sum_{s>=1} pn^2, Cv]``.
+        ``last_kept_Bk``: ascending indices of the last-scale tokens kept (token
         dropping; all when None). Returns ``(logits [B, 1 + mid + K, V] from the last
         level-0 position on, h_last [B, K, C] (final-block output of the kept last-scale
         tokens), cond)``.
         """
         cfg = self.cfg
-        b = x_BLCv.shape[0]
+        b = x_BLZ.shape[0]
         n_last = cfg.patch_nums[-1] ** 2
-        mid = x_BLCv.shape[1] - n_last
+        mid = x_BLZ.shape[1] - n_last
         if mid != sum(p * p for p in cfg.patch_nums[1:-1]):
             raise ValueError(
-                f"x_BLCv has {x_BLCv.shape[1]} tokens; patch_nums {cfg.patch_nums} need "
+                f"x_BLZ has {x_BLZ.shape[1]} tokens; patch_nums {cfg.patch_nums} need "
                 f"{sum(p * p for p in cfg.patch_nums[1:])}"
             )
-        last_in = x_BLCv[:, mid:]
+        last_in = x_BLZ[:, mid:]
         vis_pos = self._visual_positions(cfg.patch_nums[1:], None)
         vis_pos = jnp.broadcast_to(vis_pos, (b,) + vis_pos.shape[1:])
-        if last_kept_BK is not None:
-            last_in = jnp.take_along_axis(last_in, last_kept_BK[..., None], axis=1)
-            last_pos = jnp.take_along_axis(vis_pos[:, mid:], last_kept_BK[..., None], axis=1)
+        if last_kept_Bk is not None:
+            last_in = jnp.take_along_axis(last_in, last_kept_Bk[..., None], axis=1)
+            last_pos = jnp.take_along_axis(vis_pos[:, mid:], last_kept_Bk[..., None], axis=1)
             vis_pos = jnp.concatenate([vis_pos[:, :mid], last_pos], axis=1)
         k = last_in.shape[1]
         cond, sos = self.condition(context)
-        x = jnp.concatenate([sos, self.word_embed(jnp.concatenate([x_BLCv[:, :mid], last_in], 1).astype(jnp.float32))], 1)
+        x = jnp.concatenate([sos, self.word_embed(jnp.concatenate([x_BLZ[:, :mid], last_in], 1).astype(jnp.float32))], 1)
         levels = jnp.asarray(cfg.level_ids(k))
         x = x + self.level_embedding()[levels][None]
         hd = cfg.head_dim
@@ -572,9 +573,9 @@ class HARTTransformer(nn.Module):
             new.append(c)
         return x, new
 
-    def __call__(self, context, x_BLCv, context_position_ids=None, context_mask=None):
+    def __call__(self, context, x_BLZ, context_position_ids=None, context_mask=None):
         """Initialisation entry: teacher forcing + the diffusion head on dummy rows."""
-        logits, h, cond = self.teacher_forced(context, x_BLCv, context_position_ids, context_mask)
+        logits, h, cond = self.teacher_forced(context, x_BLZ, context_position_ids, context_mask)
         z = self.diffusion_condition(h, jnp.zeros(h.shape[:2] + (self.cfg.z_channels,), h.dtype))
         rows = z.reshape(-1, z.shape[-1])[:1]
         eps = self.diffloss.net(

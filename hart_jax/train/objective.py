@@ -1,12 +1,13 @@
 """The training objective, as the release's training forward computes it.
 
-Dimensions: B batch; T text tokens; Dc text width; Cv latent channels; V codebook
-size; N scales; K kept last-scale tokens; mid = tokens of scales 1..N-2.
+Dimensions (docs/design.md): B batch; T context tokens; E text width; Z latent channels;
+V vocabulary (codebook size); S scales; L tokens; k kept tokens (of the last scale;
+``mid`` = the tokens of scales 1..S-2).
 
 Per batch:
   1. frozen tokenizer (in the step, or codes from the data): per-scale indices,
      ``last_layer_gt`` (residual before the last discrete scale) and the teacher-
-     forcing inputs ``x_BLCv``; frozen text encoder (in the step) or cached context;
+     forcing inputs ``x_BLZ``; frozen text encoder (in the step) or cached context;
   2. conditioning dropout for CFG: text rows zeroed (raw context, before
      ``context_norm``), labels replaced by the null class, with probability
      ``cond_drop_rate`` (``cond_drop_bug`` reproduces the release's ``randn < rate``,
@@ -96,7 +97,7 @@ def kept_indices(key: jax.Array, batch: int, n_last: int, n_keep: int) -> jax.Ar
 def tokenize_images(
     tok_model: HARTAutoEncoder, tok_vars: Any, images: jax.Array, patch_nums: tuple[int, ...]
 ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
-    """uint8 (or [-1, 1] float) images -> (indices per scale, last_layer_gt, x_BLCv), no gradient."""
+    """uint8 (or [-1, 1] float) images -> (indices per scale, last_layer_gt, x_BLZ), no gradient."""
     img = images.astype(jnp.float32) / 127.5 - 1.0 if images.dtype == jnp.uint8 else images.astype(jnp.float32)
 
     def fn(m: HARTAutoEncoder, x: jax.Array):
@@ -104,14 +105,14 @@ def tokenize_images(
         idx, frest = m.quantize.f_to_idx_and_frest(f, patch_nums)
         return idx, frest, m.quantize.teacher_forcing_inputs(idx, patch_nums)
 
-    idx, frest, x_BLCv = jax.lax.stop_gradient(tok_model.apply(tok_vars, img, method=fn))
-    return list(idx), frest, x_BLCv
+    idx, frest, x_BLZ = jax.lax.stop_gradient(tok_model.apply(tok_vars, img, method=fn))
+    return list(idx), frest, x_BLZ
 
 
 def teacher_inputs_from_codes(
     tok_model: HARTAutoEncoder, tok_vars: Any, codes_BL: jax.Array, patch_nums: tuple[int, ...]
 ) -> tuple[list[jax.Array], jax.Array]:
-    """Precomputed flat indices ``[B, sum pn^2]`` -> (indices per scale, x_BLCv)."""
+    """Precomputed flat indices ``[B, sum pn^2]`` -> (indices per scale, x_BLZ)."""
     idx, start = [], 0
     for pn in patch_nums:
         idx.append(codes_BL[:, start : start + pn * pn].astype(jnp.int32))
@@ -135,8 +136,8 @@ def hart_loss(
     context_mask: jax.Array | None,
     indices: list[jax.Array],
     last_layer_gt: jax.Array,
-    x_BLCv: jax.Array,
-    codebook_VC: jax.Array,
+    x_BLZ: jax.Array,
+    codebook_VZ: jax.Array,
     key: jax.Array,
     n_keep: int,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -145,7 +146,7 @@ def hart_loss(
     ``context``: raw text features ``[B, T, Dc]`` or class labels ``[B]``.
     """
     cfg: T2IConfig = model.cfg
-    b = x_BLCv.shape[0]
+    b = x_BLZ.shape[0]
     n_last = cfg.patch_nums[-1] ** 2
     k_drop, k_keep, k_idx, k_diff = jax.random.split(key, 4)
 
@@ -155,27 +156,27 @@ def hart_loss(
     else:
         context = jnp.where(drop[:, None, None], 0.0, context.astype(jnp.float32))
         context = with_logical(context, ("batch", "length", "act_embed"))
-    x_BLCv = with_logical(x_BLCv, ("batch", "length", "act_embed"))
+    x_BLZ = with_logical(x_BLZ, ("batch", "length", "act_embed"))
 
     kept = None if n_keep >= n_last else kept_indices(k_keep, b, n_last, n_keep)
-    last_gt_BK = indices[-1] if kept is None else jnp.take_along_axis(indices[-1], kept, axis=1)
-    cont_BKC = last_layer_gt if kept is None else jnp.take_along_axis(last_layer_gt, kept[..., None], axis=1)
-    targets = jnp.concatenate([i.astype(jnp.int32) for i in indices[:-1]] + [last_gt_BK.astype(jnp.int32)], axis=1)
+    last_gt_Bk = indices[-1] if kept is None else jnp.take_along_axis(indices[-1], kept, axis=1)
+    cont_BkZ = last_layer_gt if kept is None else jnp.take_along_axis(last_layer_gt, kept[..., None], axis=1)
+    targets = jnp.concatenate([i.astype(jnp.int32) for i in indices[:-1]] + [last_gt_Bk.astype(jnp.int32)], axis=1)
 
     def fwd(m: HARTTransformer):
-        logits, h, _ = m.teacher_forced(context, x_BLCv, context_position_ids, context_mask, kept)
+        logits, h, _ = m.teacher_forced(context, x_BLZ, context_position_ids, context_mask, kept)
         logits = with_logical(logits, ("batch", "length", "vocab"))
         last = jax.lax.stop_gradient(logits[:, logits.shape[1] - n_keep :])
         if ocfg.diff_target == "sampled":
             masked = top_k_top_p_mask(last, min(ocfg.top_k, cfg.vocab_size), ocfg.top_p)
             idx = jax.random.categorical(k_idx, masked, axis=-1)
             ok = jnp.all(jnp.isfinite(last), axis=-1)
-            idx = jnp.where(ok, idx, last_gt_BK)
+            idx = jnp.where(ok, idx, last_gt_Bk)
         else:
-            idx = last_gt_BK
-        code = jnp.take(codebook_VC, idx, axis=0).astype(jnp.float32)
+            idx = last_gt_Bk
+        code = jnp.take(codebook_VZ, idx, axis=0).astype(jnp.float32)
         z = m.diffusion_condition(h, code)
-        diff = m.diffloss.tiled_loss(cont_BKC - code, z.astype(jnp.float32), ocfg.diffusion_batch_mul, key=k_diff)
+        diff = m.diffloss.tiled_loss(cont_BkZ - code, z.astype(jnp.float32), ocfg.diffusion_batch_mul, key=k_diff)
         return logits, diff, idx
 
     logits, diff, idx = model.apply({"params": params}, method=fwd)
@@ -188,7 +189,7 @@ def hart_loss(
         "ce": ce,
         "diff": diff,
         "acc": jnp.mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)),
-        "acc_last_sampled": jnp.mean((idx == last_gt_BK).astype(jnp.float32)),
+        "acc_last_sampled": jnp.mean((idx == last_gt_Bk).astype(jnp.float32)),
         "cond_dropped": jnp.mean(drop.astype(jnp.float32)),
     }
     return total, metrics
@@ -208,7 +209,7 @@ def prepare_batch(
         last_gt = batch["last_layer_gt"].astype(jnp.float32)
     else:
         indices, last_gt, x = tokenize_images(frozen.tokenizer, tok_vars, batch["image"], pn)
-    out: dict[str, Any] = dict(indices=indices, last_layer_gt=last_gt, x_BLCv=x, codebook_VC=codebook(tok_vars))
+    out: dict[str, Any] = dict(indices=indices, last_layer_gt=last_gt, x_BLZ=x, codebook_VZ=codebook(tok_vars))
     if cfg.is_c2i:
         out.update(context=batch["label"], context_position_ids=None, context_mask=None)
     else:

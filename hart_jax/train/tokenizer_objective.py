@@ -1,7 +1,8 @@
 """The hybrid tokenizer's training objective (VQGAN-style, as the release's modules imply).
 
-Dimensions: B batch; Hi, Wi image side; h, w side of the discriminator's logits map;
-V codebook size; S scales; pn side of one scale.
+Dimensions (docs/design.md): B batch; H height (image); W width (image); C channels (3);
+h small height (the discriminator's logits map); w small width; V vocabulary (codebook
+size); S scales.
 
 Generator (the autoencoder), one forward ``HARTAutoEncoder.__call__`` per step:
   ``nll  = recon_weight * rec(out, x) + perceptual_weight * mean LPIPS(out, x)``
