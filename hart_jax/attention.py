@@ -182,7 +182,7 @@ XLA_LOGITS_BUDGET_BYTES = 1 << 30
 
 
 def _query_chunk(q_shape: tuple[int, ...], lk: int) -> int:
-    """Largest divisor of Lq whose ``[B, H, chunk, Lk]`` fp32 logits fit the budget."""
+    """Largest divisor of Q whose ``[B, A, chunk, K]`` fp32 logits fit the budget."""
     b, lq, h, _ = q_shape
     limit = max(1, XLA_LOGITS_BUDGET_BYTES // max(1, b * h * lk * 4))
     if lq <= limit:
@@ -212,14 +212,14 @@ def attention(
 
     ``q_levels``/``k_levels``: int ``[L]`` or ``[B, L]``. ``impl``: see the module
     docstring. ``interpret`` (Pallas only) defaults to ``pallas_interpret()``.
-    Returns ``[B, Lq, H, D]`` in the input dtype.
+    Returns ``[B, Q, A, D]`` in the input dtype.
     """
     chosen = resolve_impl(impl)
     check_qkv(q_BQAD, k_BKAD, v_BKAD)
-    B, Lq, H, _ = q_BQAD.shape
-    Lk = k_BKAD.shape[1]
-    q_lev = _ref.levels_2d(q_levels, B, Lq, "q_levels")
-    k_lev = _ref.levels_2d(k_levels, B, Lk, "k_levels")
+    B, Q, A, _ = q_BQAD.shape
+    K = k_BKAD.shape[1]
+    q_lev = _ref.levels_2d(q_levels, B, Q, "q_levels")
+    k_lev = _ref.levels_2d(k_levels, B, K, "k_levels")
     if chosen == "xla":
         return _ref.level_attention_reference(
             q_BQAD, k_BKAD, v_BKAD, q_lev, k_lev, scale,
@@ -234,14 +234,14 @@ def attention(
     kw = _pallas_kwargs(scale, config, precision, interpret)
     return _split_over_mesh(
         lambda q, k, v, ql, kl: pallas_level_attention(q, k, v, ql, kl, **kw),
-        (q_BQAD, k_BKAD, v_BKAD, q_lev, k_lev), ("BLHD", "BLHD", "BLHD", "BL", "BL"), B, H,
+        (q_BQAD, k_BKAD, v_BKAD, q_lev, k_lev), ("BLHD", "BLHD", "BLHD", "BL", "BL"), B, A,
     )
 
 
 def _layer_caches(
     k_cache: jax.Array, v_cache: jax.Array, layer_1: jax.Array, n: int
 ) -> tuple[jax.Array, jax.Array]:
-    """The first ``n`` entries of block ``layer_1[0]``'s caches, from the stacked ``[NL, B, Lm, H, D]``."""
+    """The first ``n`` entries of block ``layer_1[0]``'s caches, from the stacked ``[X, B, K, A, D]``."""
     _, b, _, h, d = k_cache.shape
     start = (layer_1[0], 0, 0, 0, 0)
     return tuple(jax.lax.dynamic_slice(c, start, (1, b, n, h, d))[0] for c in (k_cache, v_cache))
@@ -262,16 +262,16 @@ def cache_attention(
 ) -> jax.Array:
     """Sampling attention: one scale's queries see cache entries ``[0, valid_len)``.
 
-    ``k_cache``/``v_cache``: ``[B, Lm, H, D]``, or with ``layer`` (int, may be traced)
-    the stacked caches of every block ``[NL, B, Lm, H, D]``, of which block ``layer``
+    ``k_cache``/``v_cache``: ``[B, K, A, D]``, or with ``layer`` (int, may be traced)
+    the stacked caches of every block ``[X, B, K, A, D]``, of which block ``layer``
     is read (``pallas`` reads it in place; ``xla``/``cudnn`` slice it out).
     ``valid_len``: int scalar or ``[B]``; a Python int lets ``xla`` read just that
-    prefix of the cache. Forward only for ``pallas``. Returns ``[B, Lq, H, D]`` in the
+    prefix of the cache. Forward only for ``pallas``. Returns ``[B, Q, A, D]`` in the
     input dtype.
     """
     chosen = resolve_impl(impl)
     layer_1 = check_cache_inputs(q_BQAD, k_cache, v_cache, layer)
-    B, Lq, H, D = q_BQAD.shape
+    B, Q, A, D = q_BQAD.shape
     if chosen == "pallas":
         kw = _pallas_kwargs(scale, config, precision, interpret)
         n_B = _ref.valid_len_1d(valid_len, B)
@@ -283,7 +283,7 @@ def cache_attention(
         else:
             args, layouts = args + (layer_1[0],), layouts + ("",)
             run = lambda q, kc, vc, n, li: pallas_cache_attention(q, kc, vc, n, layer=li, **kw)  # noqa: E731
-        return _split_over_mesh(run, args, layouts, B, H)
+        return _split_over_mesh(run, args, layouts, B, A)
     lm_axis = 1 if layer is None else 2
     static_len = isinstance(valid_len, int) and 0 < valid_len < k_cache.shape[lm_axis]
     if layer is not None:
@@ -297,12 +297,12 @@ def cache_attention(
             matmul_dtype=q_BQAD.dtype, precision=precision,
         )
         chunk = _query_chunk(q_BQAD.shape, k_cache.shape[1])
-        if chunk == Lq:
+        if chunk == Q:
             return run(q_BQAD)
-        # bound the [B, H, Lq, Lk] logits: queries in chunks (rows are independent)
-        q_chunks = q_BQAD.reshape(B, Lq // chunk, chunk, H, D).transpose(1, 0, 2, 3, 4)
+        # bound the [B, A, Q, K] logits: queries in chunks (rows are independent)
+        q_chunks = q_BQAD.reshape(B, Q // chunk, chunk, A, D).transpose(1, 0, 2, 3, 4)
         out = jax.lax.map(run, q_chunks)
-        return out.transpose(1, 0, 2, 3, 4).reshape(B, Lq, H, D)
+        return out.transpose(1, 0, 2, 3, 4).reshape(B, Q, A, D)
     _cudnn_check(q_BQAD)
     n_B = jnp.clip(_ref.valid_len_1d(valid_len, B), 0, k_cache.shape[1])
     return jax.nn.dot_product_attention(

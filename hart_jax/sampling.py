@@ -73,7 +73,7 @@ class InjectedNoise:
     """Noise recorded from a reference run, replacing the random draws (parity tests).
 
     ``gumbel[s]``: ``[B, l_s, V]`` Gumbel noise of scale s (``more_smooth``);
-    ``diff_init``: ``[B*P^2, Cv]``; ``diff_steps``: ``[S, 2B*P^2, Cv]``.
+    ``diff_init``: ``[B*l, Z]``; ``diff_steps``: ``[J, 2B*l, Z]`` (l of the last scale).
     """
 
     gumbel: Sequence[jax.Array] | None = None
@@ -128,7 +128,7 @@ def choose_tokens(
     gumbel_BlV: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Sample scale ``si``'s indices ``[B, l]`` from guided logits and return their code
-    vectors ``[B, l, Cv]``: codebook rows, or with ``more_smooth`` the Gumbel-softmax
+    vectors ``[B, l, Z]``: codebook rows, or with ``more_smooth`` the Gumbel-softmax
     mixture ``softmax((masked * (1 + r) + g) / tau) @ E`` on the top-k/top-p-masked logits.
     Each image draws from its own key (``keys_B2``), so results do not depend on batching."""
     masked = top_k_top_p_mask(logits_BlV, scfg.stage_top_k(si, codebook_VZ.shape[0]), scfg.top_p)
@@ -149,7 +149,7 @@ def choose_tokens(
 
 
 def diffusion_noise(keys_B2: jax.Array, tokens: int, channels: int, steps: int) -> tuple[jax.Array, jax.Array]:
-    """Per-image diffusion noise: initial ``[B*l, Cv]`` and per-step ``[S, 2B*l, Cv]``
+    """Per-image diffusion noise: initial ``[B*l, Z]`` and per-step ``[J, 2B*l, Z]``
     (the unconditional rows reuse the conditional rows' noise; their samples are discarded)."""
     tag = 10_000
     init = jax.vmap(lambda k: jax.random.normal(k, (tokens, channels)))(_fold(keys_B2, tag))
@@ -186,7 +186,7 @@ def sample_images(
 ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
     """Generate ``[B, H, W, 3]`` images in [0, 1] from text features.
 
-    ``context [B, T, Dc]`` (Qwen2 last hidden states), ``context_mask [B, T]`` bool,
+    ``context [B, T, E]`` (Qwen2 last hidden states), ``context_mask [B, T]`` bool,
     ``context_position_ids [B, T]`` int; for the class-conditional variant ``context``
     is int labels ``[B]`` and the other two are None. ``keys``: one PRNG key, or one
     per image ``[B, 2]`` (image i's draws depend on its key only, so a batch equals

@@ -6,11 +6,11 @@ earlier scales and themselves). Here that is: every cache entry with index
 ``< valid_len`` is visible, nothing else is masked. ``valid_len`` is a scalar or
 one value per batch row; values above the cache length are clamped to it.
 
-Grid ``(q blocks, B, H)``; each program runs an online softmax over the key
+Grid ``(q blocks, B, A)``; each program runs an online softmax over the key
 blocks ``[0, ceil(valid_len / block_k))`` only, so the unused tail of the cache
 is never read. Forward only (sampling needs no gradients).
 
-The sampler keeps every block's caches stacked ``[NL, B, Lm, H, D]`` and runs the
+The sampler keeps every block's caches stacked ``[X, B, K, A, D]`` and runs the
 blocks in a loop; with ``layer`` the kernel takes the stacks whole and reads block
 ``layer``'s rows itself (the index is a kernel input), so no per-block copy of the
 cache is made.
@@ -101,7 +101,7 @@ def _cache_kernel(n_ref, q_ref, k_ref, v_ref, o_ref, **kw):
 
 
 def _stacked_cache_kernel(layer_ref, n_ref, q_ref, k_ref, v_ref, o_ref, **kw):
-    """As ``_cache_kernel``, reading layer ``layer_ref[0]`` of the whole ``[NL, B, Pm, H, D]`` caches."""
+    """As ``_cache_kernel``, reading layer ``layer_ref[0]`` of the whole ``[X, B, Pm, A, D]`` caches."""
     layer, b, h = layer_ref[0], pl.program_id(1), pl.program_id(2)
     out = _attend_cache(
         q_ref[...], n_ref[()], lambda ks: k_ref[layer, b, ks, h, :], lambda ks: v_ref[layer, b, ks, h, :], **kw
@@ -110,8 +110,8 @@ def _stacked_cache_kernel(layer_ref, n_ref, q_ref, k_ref, v_ref, o_ref, **kw):
 
 
 def _cache_call(q, k, v, n_B, layer, *, scale, block_q, block_k, num_warps, num_stages, precision, interpret):
-    """``layer`` None: k, v are ``[B, Pm, H, D]``; else int32 ``[1]`` and k, v are stacked ``[NL, B, Pm, H, D]``."""
-    B, Pq, H, D = q.shape
+    """``layer`` None: k, v are ``[B, Pm, A, D]``; else int32 ``[1]`` and k, v are stacked ``[X, B, Pm, A, D]``."""
+    B, Pq, A, D = q.shape
     nq = Pq // block_q
     kw = dict(c=scale * LOG2E, block_k=block_k, precision=precision)
     q_spec = pl.BlockSpec((SQ, block_q, SQ, D), lambda i, b, h: (b, i, h, 0))
@@ -128,7 +128,7 @@ def _cache_call(q, k, v, n_B, layer, *, scale, block_q, block_k, num_warps, num_
         in_specs, args = [layer_spec, n_spec, q_spec, whole, whole], (layer, n_B, q, k, v)
     return pl.pallas_call(
         functools.partial(kernel, **kw),
-        grid=(nq, B, H),
+        grid=(nq, B, A),
         in_specs=in_specs,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -157,11 +157,11 @@ _forward_only.defvjp(_forward_only_fwd, _forward_only_bwd)
 
 
 def stacked_layer_index(k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array | int) -> jax.Array:
-    """Check stacked ``[NL, B, Lm, H, D]`` caches and a scalar block index; returns the index
-    as int32 ``[1]``, clamped to ``[0, NL)`` like ``lax.dynamic_slice``."""
+    """Check stacked ``[X, B, K, A, D]`` caches and a scalar block index; returns the index
+    as int32 ``[1]``, clamped to ``[0, X)`` like ``lax.dynamic_slice``."""
     if k_cache.ndim != 5 or k_cache.shape != v_cache.shape:
         raise ValueError(
-            f"with layer, k_cache and v_cache must be stacked [NL, B, Lm, H, D] of one shape, "
+            f"with layer, k_cache and v_cache must be stacked [X, B, K, A, D] of one shape, "
             f"got {k_cache.shape} and {v_cache.shape}"
         )
     layer = jnp.asarray(layer)
@@ -200,37 +200,37 @@ def cache_attention(
 
     Args:
       q_BQAD: the scale's queries.
-      k_cache, v_cache: the cache ``[B, Lm, H, D]`` (q's dtype); with ``layer``, every
-        block's caches stacked ``[NL, B, Lm, H, D]``.
-      valid_len: int scalar or int ``[B]``: number of filled cache entries (clamped to Lm).
+      k_cache, v_cache: the cache ``[B, K, A, D]`` (q's dtype); with ``layer``, every
+        block's caches stacked ``[X, B, K, A, D]``.
+      valid_len: int scalar or int ``[B]``: number of filled cache entries (clamped to K).
       scale: softmax scale (HART: ``0.25 / sqrt(D)``).
       layer: int scalar (may be traced): the block whose caches to read. The kernel
         indexes the stacked arrays itself, so no per-layer copy of the cache is made
-        (unless Lm or D need padding, see ``padded_cache_length``). Clamped to
-        ``[0, NL)`` like ``lax.dynamic_slice``.
+        (unless K or D need padding, see ``padded_cache_length``). Clamped to
+        ``[0, X)`` like ``lax.dynamic_slice``.
       config, precision, interpret: as for ``level_attention``.
 
     Returns:
-      ``[B, Lq, H, D]`` in the input dtype.
+      ``[B, Q, A, D]`` in the input dtype.
     """
     layer_1 = check_cache_inputs(q_BQAD, k_cache, v_cache, layer)
     Lm_axis = 1 if layer_1 is None else 2
     cfg = config or CacheAttentionConfig()
-    B, Lq, H, D = q_BQAD.shape
-    Lm = k_cache.shape[Lm_axis]
-    n_B = jnp.clip(valid_len_1d(valid_len, B), 0, Lm)
+    B, Q, A, D = q_BQAD.shape
+    K = k_cache.shape[Lm_axis]
+    n_B = jnp.clip(valid_len_1d(valid_len, B), 0, K)
 
-    block_q = fit_block(cfg.block_q, Lq)
-    block_k = fit_block(cfg.block_k, Lm)
+    block_q = fit_block(cfg.block_q, Q)
+    block_k = fit_block(cfg.block_k, K)
     Dp = padded_head_dim(D)
-    Pm = round_up(Lm, block_k)
-    if layer_1 is not None and (Pm != Lm or Dp != D):
+    Pm = round_up(K, block_k)
+    if layer_1 is not None and (Pm != K or Dp != D):
         # padding would copy the whole stack: copy just this layer instead
         k_cache, v_cache = (
             lax.dynamic_index_in_dim(c, layer_1[0], axis=0, keepdims=False) for c in (k_cache, v_cache)
         )
         layer_1, Lm_axis = None, 1
-    q = pad_axis(pad_axis(q_BQAD, 3, Dp), 1, round_up(Lq, block_q))
+    q = pad_axis(pad_axis(q_BQAD, 3, Dp), 1, round_up(Q, block_q))
     k = pad_axis(pad_axis(k_cache, -1, Dp), Lm_axis, Pm)
     v = pad_axis(pad_axis(v_cache, -1, Dp), Lm_axis, Pm)
     kw = (
@@ -243,4 +243,4 @@ def cache_attention(
         ("interpret", bool(interpret)),
     )
     o = _forward_only(q, k, v, n_B, layer_1, kw)
-    return o[:, :Lq, :, :D]
+    return o[:, :Q, :, :D]

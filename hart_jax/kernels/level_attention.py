@@ -6,7 +6,7 @@ scale may keep only a subset of its tokens, so the kernel takes per-token level
 ids (``[L]`` or ``[B, L]``) and never assumes contiguous level blocks.
 
 Schedule (FlashAttention-2):
-- forward, grid ``(q blocks, B, H)``: one program per query block runs an online
+- forward, grid ``(q blocks, B, A)``: one program per query block runs an online
   softmax over key blocks ``[0, hi)`` and stores the output and the base-2
   log-sum-exp;
 - backward: one kernel per key block accumulates dk and dv over query blocks
@@ -109,7 +109,7 @@ def padded_head_dim(d: int) -> int:
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, k_name: str = "k") -> None:
     """Shape and dtype checks shared by the attention kernels (clear ValueErrors)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, {k_name}, v must be [B, L, H, D], got {q.shape}, {k.shape}, {v.shape}")
+        raise ValueError(f"q, {k_name}, v must be [B, L, A, D], got {q.shape}, {k.shape}, {v.shape}")
     if k.shape != v.shape:
         raise ValueError(f"{k_name} and v must have the same shape, got {k.shape} and {v.shape}")
     if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
@@ -266,11 +266,11 @@ def _dq_kernel(
 
 # ----------------------------------------------------------------------------- pallas calls
 # Block shapes: SQ is a squeezed (indexed-away) dimension, so a ``(SQ, bq, SQ, D)`` block of a
-# ``[B, P, H, D]`` array is a ``[bq, D]`` ref in the kernel and ``(SQ, SQ)`` of a table is a scalar.
+# ``[B, P, A, D]`` array is a ``[bq, D]`` ref in the kernel and ``(SQ, SQ)`` of a table is a scalar.
 
 
 def _fwd_call(q, k, v, q_lev, k_lev, hi, st: _Static):
-    B, Pq, H, D = q.shape
+    B, Pq, A, D = q.shape
     Pk = k.shape[1]
     bq, nq = st.block_q, Pq // st.block_q
     rev = lambda i: nq - 1 - i  # noqa: E731  (heavy, late query blocks first)
@@ -279,7 +279,7 @@ def _fwd_call(q, k, v, q_lev, k_lev, hi, st: _Static):
     )
     return pl.pallas_call(
         kernel,
-        grid=(nq, B, H),
+        grid=(nq, B, A),
         in_specs=[
             pl.BlockSpec((SQ, SQ), lambda i, b, h: (b, rev(i))),
             pl.BlockSpec((SQ, bq), lambda i, b, h: (b, rev(i))),
@@ -294,7 +294,7 @@ def _fwd_call(q, k, v, q_lev, k_lev, hi, st: _Static):
         ],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((B, H, Pq), jnp.float32),
+            jax.ShapeDtypeStruct((B, A, Pq), jnp.float32),
         ],
         compiler_params=triton_compiler_params(st.num_warps, st.num_stages),
         interpret=st.interpret,
@@ -303,7 +303,7 @@ def _fwd_call(q, k, v, q_lev, k_lev, hi, st: _Static):
 
 
 def _bwd_calls(q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse, do, st: _Static):
-    B, Pq, H, D = q.shape
+    B, Pq, A, D = q.shape
     Pk = k.shape[1]
     bq, bk = st.block_q_bwd, st.block_k_bwd
     nq, nk = Pq // bq, Pk // bk
@@ -319,7 +319,7 @@ def _bwd_calls(q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse, do, st: _Static):
             _dkv_kernel, c=st.scale * LOG2E, scale=st.scale, block_q=bq, num_q_blocks=nq,
             precision=st.precision,
         ),
-        grid=(nk, B, H),
+        grid=(nk, B, A),
         in_specs=[
             pl.BlockSpec((SQ, SQ), lambda j, b, h: (b, j)),
             pl.BlockSpec((SQ, Pq), lambda j, b, h: (b, 0)),
@@ -340,7 +340,7 @@ def _bwd_calls(q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse, do, st: _Static):
         functools.partial(
             _dq_kernel, c=st.scale * LOG2E, scale=st.scale, block_k=bk, precision=st.precision
         ),
-        grid=(nq, B, H),
+        grid=(nq, B, A),
         in_specs=[
             pl.BlockSpec((SQ, SQ), lambda i, b, h: (b, rev(i))),
             pl.BlockSpec((SQ, bq), lambda i, b, h: (b, rev(i))),
@@ -394,7 +394,7 @@ def level_attention(
 
     Args:
       q_BQAD, k_BKAD, v_BKAD: float32 / bfloat16 / float16, same dtype.
-      q_levels, k_levels: integer level ids, ``[Lq]`` / ``[Lk]`` or ``[B, Lq]`` / ``[B, Lk]``.
+      q_levels, k_levels: integer level ids, ``[Q]`` / ``[K]`` or ``[B, Q]`` / ``[B, K]``.
       scale: softmax scale (HART: ``0.25 / sqrt(D)``).
       config: tile sizes and launch parameters.
       precision: matmul precision inside the kernel; ``HIGHEST`` keeps fp32 inputs
@@ -402,21 +402,21 @@ def level_attention(
       interpret: run the kernels with the Pallas interpreter (CPU tests).
 
     Returns:
-      ``[B, Lq, H, D]`` in the input dtype.
+      ``[B, Q, A, D]`` in the input dtype.
     """
     check_qkv(q_BQAD, k_BKAD, v_BKAD)
     cfg = config or LevelAttentionConfig()
-    B, Lq, H, D = q_BQAD.shape
-    Lk = k_BKAD.shape[1]
-    q_lev = levels_2d(q_levels, B, Lq, "q_levels")
-    k_lev = levels_2d(k_levels, B, Lk, "k_levels")
+    B, Q, A, D = q_BQAD.shape
+    K = k_BKAD.shape[1]
+    q_lev = levels_2d(q_levels, B, Q, "q_levels")
+    k_lev = levels_2d(k_levels, B, K, "k_levels")
 
     st = _Static(
         scale=float(scale),
-        block_q=fit_block(cfg.block_q, Lq),
-        block_k=fit_block(cfg.block_k, Lk),
-        block_q_bwd=fit_block(cfg.block_q_bwd, Lq),
-        block_k_bwd=fit_block(cfg.block_k_bwd, Lk),
+        block_q=fit_block(cfg.block_q, Q),
+        block_k=fit_block(cfg.block_k, K),
+        block_q_bwd=fit_block(cfg.block_q_bwd, Q),
+        block_k_bwd=fit_block(cfg.block_k_bwd, K),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         num_warps_bwd=cfg.num_warps_bwd,
@@ -424,8 +424,8 @@ def level_attention(
         precision=precision,
         interpret=bool(interpret),
     )
-    Pq = round_up(Lq, max(st.block_q, st.block_q_bwd))
-    Pk = round_up(Lk, max(st.block_k, st.block_k_bwd))
+    Pq = round_up(Q, max(st.block_q, st.block_q_bwd))
+    Pk = round_up(K, max(st.block_k, st.block_k_bwd))
     Dp = padded_head_dim(D)
 
     q = pad_axis(pad_axis(q_BQAD, 3, Dp), 1, Pq)
@@ -438,4 +438,4 @@ def level_attention(
     dq_hi = kv_upper_bounds(q_lev, k_lev, st.block_q_bwd, st.block_k_bwd)
     dkv_lo = q_lower_bounds(q_lev, k_lev, st.block_q_bwd, st.block_k_bwd)
     o = _flash(q, k, v, q_lev, k_lev, fwd_hi, dq_hi, dkv_lo, st)
-    return o[:, :Lq, :, :D]
+    return o[:, :Q, :, :D]

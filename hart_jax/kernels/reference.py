@@ -36,7 +36,7 @@ def levels_2d(levels: jax.Array, batch: int, length: int, name: str) -> jax.Arra
 
 
 def level_mask(q_levels_BQ: jax.Array, k_levels_BK: jax.Array) -> jax.Array:
-    """Boolean ``[B, Lq, Lk]``: key visible to query iff ``level(k) <= level(q)``."""
+    """Boolean ``[B, Q, K]``: key visible to query iff ``level(k) <= level(q)``."""
     return k_levels_BK[:, None, :] <= q_levels_BQ[:, :, None]
 
 
@@ -49,7 +49,7 @@ def masked_attention_reference(
     matmul_dtype: jnp.dtype | None = None,
     precision: jax.lax.PrecisionLike = _HIGHEST,
 ) -> jax.Array:
-    """Softmax attention under a boolean ``[B, Lq, Lk]`` mask; output in q's dtype.
+    """Softmax attention under a boolean ``[B, Q, K]`` mask; output in q's dtype.
 
     Logits, softmax and accumulation are fp32. ``matmul_dtype`` (default fp32) is
     the operand dtype of the two matmuls: the fp32 default is the ground truth;
@@ -87,9 +87,9 @@ def level_attention_reference(
     precision: jax.lax.PrecisionLike = _HIGHEST,
 ) -> jax.Array:
     """HART's training attention: ``level(k) <= level(q)``; levels ``[L]`` or ``[B, L]``."""
-    B, Lq = q_BQAD.shape[:2]
-    Lk = k_BKAD.shape[1]
-    mask = level_mask(levels_2d(q_levels, B, Lq, "q_levels"), levels_2d(k_levels, B, Lk, "k_levels"))
+    B, Q = q_BQAD.shape[:2]
+    K = k_BKAD.shape[1]
+    mask = level_mask(levels_2d(q_levels, B, Q, "q_levels"), levels_2d(k_levels, B, K, "k_levels"))
     return masked_attention_reference(q_BQAD, k_BKAD, v_BKAD, mask, scale, matmul_dtype, precision)
 
 
@@ -115,11 +115,11 @@ def cache_attention_reference(
     precision: jax.lax.PrecisionLike = _HIGHEST,
 ) -> jax.Array:
     """Sampling attention: the queries see every cached key with index ``< valid_len``."""
-    B, Lq = q_BQAD.shape[:2]
-    Lm = k_cache_BKAD.shape[1]
+    B, Q = q_BQAD.shape[:2]
+    K = k_cache_BKAD.shape[1]
     n_B = valid_len_1d(valid_len, B)
-    visible_BK = jnp.arange(Lm, dtype=jnp.int32)[None, :] < n_B[:, None]
-    mask = jnp.broadcast_to(visible_BK[:, None, :], (B, Lq, Lm))
+    visible_BK = jnp.arange(K, dtype=jnp.int32)[None, :] < n_B[:, None]
+    mask = jnp.broadcast_to(visible_BK[:, None, :], (B, Q, K))
     return masked_attention_reference(
         q_BQAD, k_cache_BKAD, v_cache_BKAD, mask, scale, matmul_dtype, precision
     )

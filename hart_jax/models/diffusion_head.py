@@ -121,7 +121,7 @@ class SimpleMLPAdaLN(nn.Module):
             raise ValueError(f"t must be [N={n}] timesteps, got shape {tuple(t_N.shape)}")
 
     def __call__(self, x_NZ: jax.Array, t_N: jax.Array, c_NC: jax.Array) -> jax.Array:
-        """``[N, Cv]``, ``[N]`` original timesteps, ``[N, D]`` -> ``[N, out_channels]``."""
+        """``[N, Z]``, ``[N]`` original timesteps, ``[N, C]`` -> ``[N, out_channels]``."""
         x_NZ, t_N, c_NC = jnp.asarray(x_NZ), jnp.asarray(t_N), jnp.asarray(c_NC)
         self.check_inputs(x_NZ, t_N, c_NC)
         x_NM = self.input_proj(x_NZ)
@@ -231,7 +231,7 @@ class DiffLoss(nn.Module):
     @classmethod
     def from_config(cls, config: Mapping[str, Any], target_channels: int, **overrides: Any) -> "DiffLoss":
         """Build from a ``HARTForT2I`` ``config.json`` dict (``diff_width``, ``diff_depth``,
-        ``embed_dim``, ``num_sampling_steps``, ``sampler``) and the tokenizer's Cv."""
+        ``embed_dim``, ``num_sampling_steps``, ``sampler``) and the tokenizer's Z."""
         missing = [k for k in ("diff_width", "diff_depth", "embed_dim") if k not in config]
         if missing:
             raise ValueError(f"transformer config lacks {', '.join(missing)} (needed by the diffusion head)")
@@ -270,7 +270,7 @@ class DiffLoss(nn.Module):
     def loss_per_row(
         self, target_NZ: jax.Array, z_NC: jax.Array, t_N: jax.Array, noise_NZ: jax.Array
     ) -> jax.Array:
-        """``[N]`` IDDPM losses: ε-MSE (mean over Cv) + learned-range VB term (bits).
+        """``[N]`` IDDPM losses: ε-MSE (mean over Z) + learned-range VB term (bits).
 
         ``x_start = target / vae_scale``; ``x_t = sqrt(abar_t) x_start + sqrt(1 - abar_t) ε``;
         the VB term sees the ε prediction through ``stop_gradient`` (only v learns from it);
@@ -342,7 +342,7 @@ class DiffLoss(nn.Module):
         ``batch_mul`` times (whole block, not interleaved), then ``loss``.
 
         Give either ``key`` (draws ``t`` and ε for the ``batch_mul * rows`` tiled rows)
-        or both ``t`` ``[M]`` and ``noise`` ``[M, Cv]`` in tiled order (parity).
+        or both ``t`` ``[N]`` and ``noise`` ``[N, Z]`` (N = rows x ``diffusion_batch_mul``) in tiled order (parity).
         """
         target_BLZ, z_BLC = jnp.asarray(target_BLZ), jnp.asarray(z_BLC)
         c, d = self.target_channels, self.z_channels
@@ -375,15 +375,15 @@ class DiffLoss(nn.Module):
         temperature: float | jax.Array = 1.0,
         guided: bool | None = None,
     ) -> jax.Array:
-        """Run the respaced IDDPM chain with injected noise; returns ``[N, Cv]`` × ``vae_scale``.
+        """Run the respaced IDDPM chain with injected noise; returns ``[N, Z]`` × ``vae_scale``.
 
         ``guided`` (optional) fixes the branch explicitly so that ``cfg`` may be a traced
         value (the caller then handles the ``cfg == 1.0`` case itself).
 
         ``cfg`` (a concrete number): exactly 1.0 runs the plain network, anything else
         runs ``forward_with_cfg`` (``z`` = cond rows then uncond rows). ``init_noise`` is
-        ``[N/2, Cv]`` with CFG (duplicated to both halves) or ``[N, Cv]`` without;
-        ``step_noise[j]`` ``[N, Cv]`` is the noise of loop iteration j (respaced step
+        ``[N/2, Z]`` with CFG (duplicated to both halves) or ``[N, Z]`` without;
+        ``step_noise[j]`` ``[N, Z]`` is the noise of loop iteration j (respaced step
         ``S-1-j``; the last one is unused). With CFG all N rows are returned (as the
         reference does); only the first N/2 (conditional) rows are the samples.
         """

@@ -188,7 +188,7 @@ class Qwen2Config:
 
 # ----------------------------------------------------------------- functions
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    """``1 / theta ** (2i / hd)`` for ``i < hd/2``, float32 as transformers computes it."""
+    """``1 / theta ** (2i / D)`` for ``i < D/2``, float32 as transformers computes it."""
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     denom = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)
     return (np.float32(1.0) / denom).astype(np.float32)
@@ -197,7 +197,7 @@ def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
 def rope_cos_sin(
     position_ids_BL: jax.Array, head_dim: int, theta: float, dtype: Dtype = jnp.float32
 ) -> tuple[jax.Array, jax.Array]:
-    """cos/sin ``[B, S, hd]`` of the angles ``pos * inv_freq`` (fp32), repeated twice."""
+    """cos/sin ``[B, L, D]`` of the angles ``pos * inv_freq`` (fp32), repeated twice."""
     inv = jnp.asarray(rope_inv_freq(head_dim, theta))
     freqs_BLf = position_ids_BL.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs_BLf, freqs_BLf], axis=-1)
@@ -205,7 +205,7 @@ def rope_cos_sin(
 
 
 def apply_rope(x_BLAD: jax.Array, cos_BLD: jax.Array, sin_BLD: jax.Array) -> jax.Array:
-    """Rotate-half RoPE: dim ``k`` pairs with ``k + hd/2``."""
+    """Rotate-half RoPE: dim ``k`` pairs with ``k + D/2``."""
     half = x_BLAD.shape[-1] // 2
     rot = jnp.concatenate([-x_BLAD[..., half:], x_BLAD[..., :half]], axis=-1)
     return x_BLAD * cos_BLD[:, :, None, :] + rot * sin_BLD[:, :, None, :]
@@ -380,7 +380,7 @@ class Qwen2Model(nn.Module):
         """Last hidden state ``[B, S, D]`` (after the final norm, in ``dtype``).
 
         ``attention_mask_BL`` (1 = real token, default all ones) masks keys;
-        ``position_ids_BL`` defaults to ``0..S-1`` for every row, as transformers
+        ``position_ids_BL`` defaults to ``0..L-1`` for every row, as transformers
         uses when it is given none.
         """
         b, s = input_ids_BL.shape

@@ -115,7 +115,7 @@ class T2IConfig:
 
     @property
     def attn_scale(self) -> float:
-        """Softmax scale: ``0.25 / sqrt(hd)`` (VAR heritage), 1 with ``attn_l2_norm``."""
+        """Softmax scale: ``0.25 / sqrt(D)`` (VAR heritage), 1 with ``attn_l2_norm``."""
         return 1.0 if self.attn_l2_norm else 0.25 / math.sqrt(self.head_dim)
 
     @property
@@ -210,7 +210,7 @@ class Attention(nn.Module):
         self.proj = nn.Dense(c, **kw)
 
     def qkv(self, x_BLC: jax.Array, cos_BLD: jax.Array, sin_BLD: jax.Array) -> tuple[jax.Array, ...]:
-        """Projected q, k (RoPE applied) and v, ``[B, L, H, hd]`` each."""
+        """Projected q, k (RoPE applied) and v, ``[B, L, A, D]`` each."""
         b, l, c = x_BLC.shape
         h, hd = self.cfg.num_heads, self.cfg.head_dim
         bias = jnp.concatenate([self.q_bias, jnp.zeros_like(self.q_bias), self.v_bias]).astype(self.dtype)
@@ -245,8 +245,8 @@ class Attention(nn.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """One scale's queries against the KV cache, after writing its k/v at ``offset``.
 
-        ``cache``: this block's ``(k, v)`` ``[B, Lmax, H, hd]``, or with ``layer`` (a
-        traced block index) the stacked caches ``[depth, B, Lmax, H, hd]``, updated in
+        ``cache``: this block's ``(k, v)`` ``[B, K, A, D]``, or with ``layer`` (a
+        traced block index) the stacked caches ``[X, B, K, A, D]``, updated in
         place at ``[layer, :, offset:offset+l]`` (only the new tokens are written).
         """
         b, l, c = x_BlC.shape
@@ -386,7 +386,7 @@ class HARTTransformer(nn.Module):
       ``teacher_forced``: the training forward over the whole sequence;
       ``stage``: one sampling stage against the KV cache;
       ``logits``: head over hidden states; ``diffusion_condition``; ``level_embedding``.
-    The tokenizer codebook ``[V, Cv]`` is passed in where needed (it is not a parameter
+    The tokenizer codebook ``[V, Z]`` is passed in where needed (it is not a parameter
     of this model, as in the release).
     """
 
@@ -433,7 +433,7 @@ class HARTTransformer(nn.Module):
     def condition(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Conditioning and level-0 input tokens (without level embedding).
 
-        Text: ``context [B, T, Dc]`` -> ``cond = context_embed(context_norm(context))``
+        Text: ``context [B, T, E]`` -> ``cond = context_embed(context_norm(context))``
         ``[B, T, C]`` (fp32), which is also the level-0 input. Classes: int labels ``[B]``
         (``num_classes`` = null class) -> ``cond [B, C]``, level-0 input
         ``cond + pos_start`` ``[B, pn0^2, C]``.
@@ -476,7 +476,7 @@ class HARTTransformer(nn.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The training forward (teacher forcing).
 
-        ``x_BLZ``: teacher-forcing inputs of scales 1..N-1 ``[B, sum_{s>=1} pn^2, Cv]``.
+        ``x_BLZ``: teacher-forcing inputs of scales 1..N-1 ``[B, sum_{s>=1} pn^2, Z]``.
         ``last_kept_Bk``: ascending indices of the last-scale tokens kept (token
         dropping; all when None). Returns ``(logits [B, 1 + mid + K, V] from the last
         level-0 position on, h_last [B, K, C] (final-block output of the kept last-scale
@@ -532,8 +532,8 @@ class HARTTransformer(nn.Module):
         """Run scale ``si``'s input tokens (level embedding included) through every block
         against the KV caches; returns the final hidden states and the new caches.
 
-        ``caches``: a list of per-block ``(k, v)`` ``[B, Lmax, H, hd]`` (blocks unrolled),
-        or one stacked ``(K, V)`` pair ``[depth, B, Lmax, H, hd]`` (blocks run in a
+        ``caches``: a list of per-block ``(k, v)`` ``[B, K, A, D]`` (blocks unrolled),
+        or one stacked ``(K, V)`` pair ``[X, B, K, A, D]`` (blocks run in a
         ``fori_loop`` over stacked block params: one block body to compile, the caches
         updated in place).
         """

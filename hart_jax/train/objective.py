@@ -122,7 +122,7 @@ def teacher_inputs_from_codes(
 
 
 def codebook(tok_vars: Any) -> jax.Array:
-    """The tokenizer's codebook ``[V, Cv]``."""
+    """The tokenizer's codebook ``[V, Z]``."""
     return tok_vars["params"]["quantize"]["embedding"]["embedding"]
 
 
@@ -143,7 +143,7 @@ def hart_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss ``ce_weight * CE + diff_weight * diffusion`` and its terms.
 
-    ``context``: raw text features ``[B, T, Dc]`` or class labels ``[B]``.
+    ``context``: raw text features ``[B, T, E]`` or class labels ``[B]``.
     """
     cfg: T2IConfig = model.cfg
     b = x_BLZ.shape[0]
