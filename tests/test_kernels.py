@@ -409,9 +409,9 @@ def test_dispatcher_rejects_bad_inputs():
         cache_attention(q, q, q, jnp.zeros(3, jnp.int32), scale=0.1, interpret=True)
     # every implementation checks shapes before using them, through the dispatcher too
     for impl in attn.IMPLS:
-        with pytest.raises(ValueError, match=r"must be \[B, L, H, D\]"):
+        with pytest.raises(ValueError, match=r"must be \[B, L, A, D\]"):
             attn.attention(q[0], q[0], q[0], q_levels=lev, k_levels=lev, scale=0.1, impl=impl)
-        with pytest.raises(ValueError, match=r"must be \[B, L, H, D\]"):
+        with pytest.raises(ValueError, match=r"must be \[B, L, A, D\]"):
             attn.cache_attention(q[0], q, q, valid_len=3, scale=0.1, impl=impl)
         with pytest.raises(ValueError, match="must be stacked"):
             attn.cache_attention(q, q, q, valid_len=3, scale=0.1, layer=0, impl=impl)
