@@ -172,6 +172,11 @@ def _split_over_mesh(
     if split is None:
         return fn(*args)
     specs = tuple(_spec(split, layout) for layout in layouts)
+    if any(t == jax.sharding.AxisType.Explicit for t in split[0].axis_types):
+        # Explicit mesh axes (JAX >= 0.12's default for make_mesh / AbstractMesh): an input's
+        # type carries its sharding, and shard_map takes only inputs already split as in_specs
+        # (the level ids, built here from static levels, are not).
+        args = tuple(jax.reshard(a, s) for a, s in zip(args, specs))
     return jax.shard_map(
         fn, mesh=split[0], in_specs=specs, out_specs=_spec(split, "BLHD"), check_vma=False
     )(*args)

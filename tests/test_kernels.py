@@ -294,6 +294,7 @@ def test_stacked_cache_attention_lowers_for_cuda_without_copying_the_cache():
     stack = jax.ShapeDtypeStruct((24, 8, padded_cache_length(9750), 24, 64), jnp.bfloat16)
     n = jax.ShapeDtypeStruct((8,), jnp.int32)
     layer = jax.ShapeDtypeStruct((), jnp.int32)
+    layer = jax.ShapeDtypeStruct((), jnp.int32)
     f = lambda q, kc, vc, n, layer: cache_attention(q, kc, vc, n, scale=0.25 / 8, layer=layer)  # noqa: E731
     text = _lower_cuda(f, q, stack, stack, n, layer)
     assert text.count(TRITON_CALL) == 1
@@ -468,15 +469,18 @@ def test_pallas_kernels_split_over_the_context_mesh():
     assert_tree_close([got_c], [want_c], 1e-5, ["stacked cache"])
 
 
-def test_sharded_kernels_lower_for_cuda_on_each_devices_rows_and_heads():
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_sharded_kernels_lower_for_cuda_on_each_devices_rows_and_heads(axis_type):
     """The 0.7B training shape on an abstract 2 x 2 x 2 mesh of H100s: forward and both backward
     Triton calls see [8 / 4 rows, L, 24 / 2 heads, 64], not the global arrays; the sampler's
-    stacked-cache call sees its rows of the stack."""
+    stacked-cache call sees its rows of the stack. Both kinds of mesh axes (``Explicit`` is what
+    ``AbstractMesh`` / ``make_mesh`` give by default from JAX 0.12 on)."""
     import flax.linen as nn
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), abstract_device=dev)
+    mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), abstract_device=dev,
+                                     axis_types=(getattr(jax.sharding.AxisType, axis_type),) * 3)
     lev = hart_levels(300, (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64))
     x = jax.ShapeDtypeStruct(
         (8, 9750, 24, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
@@ -498,10 +502,11 @@ def test_sharded_kernels_lower_for_cuda_on_each_devices_rows_and_heads():
     stack = jax.ShapeDtypeStruct((24, 8, 9856, 24, 64), jnp.bfloat16,
                                  sharding=NamedSharding(mesh, P(None, ("data", "fsdp", "tensor"))))
     n = jax.ShapeDtypeStruct((8,), jnp.int32)
+    layer = jax.ShapeDtypeStruct((), jnp.int32)
     c = lambda q, ka, va, n, layer: attn.cache_attention(  # noqa: E731
         q, ka, va, valid_len=n, scale=0.03, layer=layer, impl="pallas")
     with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(c).trace(q, stack, stack, n, jnp.int32(3)).lower(lowering_platforms=("cuda",)).as_text()
+        text = jax.jit(c).trace(q, stack, stack, n, layer).lower(lowering_platforms=("cuda",)).as_text()
     call = next(line for line in text.splitlines() if TRITON_CALL in line)
     assert "tensor<24x1x9856x24x64xbf16>" in call and "tensor<1x4096x24x64xbf16>" in call, call
 
