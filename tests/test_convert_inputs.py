@@ -56,7 +56,11 @@ def qwen_dir(golden_dir, tmp_path_factory) -> Path:
     cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
                       num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=64)
     d = tmp_path_factory.mktemp("qwen")
-    Qwen2Model(cfg).save_pretrained(d)
+    import torch
+
+    with torch.random.fork_rng():  # the same weights in any test order; the global RNG is left alone
+        torch.manual_seed(0)
+        Qwen2Model(cfg).save_pretrained(d)
     build_tokenizer(d, "right")
     return d
 

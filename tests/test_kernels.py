@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import pallas_interpret_mode
 from hart_jax import attention as attn
 from hart_jax.kernels.cache_attention import CacheAttentionConfig, cache_attention, padded_cache_length
 from hart_jax.kernels.level_attention import (
@@ -48,12 +50,14 @@ def hart_levels(context_tokens: int, patch_nums, last_kept: int | None = None) -
     return T2IConfig(context_token=context_tokens, patch_nums=tuple(patch_nums)).level_ids(last_kept)
 
 
-def fixture_layout(golden_dir):
-    """Level ids ``[B, L]`` and head count of the fixture transformer (config + kept mask)."""
+def fixture_layout(golden_dir: Path) -> tuple[np.ndarray, int, int, int]:
+    """Level ids ``[B, L]``, head count, head dim of the fixture transformer (config + kept
+    mask), and the teacher-forced sequence length the fixture recorded (``tf_block0_out``)."""
     cfg = json.loads((golden_dir / "llm" / "config.json").read_text())
-    kept = np.load(golden_dir / "t2i_golden.npz")["tf_last_kept"]
+    with np.load(golden_dir / "t2i_golden.npz") as g:
+        kept, recorded_len = g["tf_last_kept"], g["tf_block0_out"].shape[1]
     rows = [hart_levels(cfg["context_token"], cfg["patch_nums"], int(k.sum())) for k in kept]
-    return np.stack(rows), cfg["num_heads"], cfg["embed_dim"] // cfg["num_heads"]
+    return np.stack(rows), cfg["num_heads"], cfg["embed_dim"] // cfg["num_heads"], recorded_len
 
 
 def rand(key, shape, dtype):
@@ -110,11 +114,11 @@ def test_level_attention_text_and_three_scales(dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_level_attention_fixture_layout(golden_dir, dtype):
-    """The fixture model's full layout [6 text | 4 | 9 | 16 | 32 kept of 36], per-batch level ids,
-    default tile sizes (one padded 128-query block, two 64-key blocks)."""
-    lev_BL, H, D = fixture_layout(golden_dir)
+    """The fixture model's full layout [text | scales 1..N-2 | kept tokens of the last scale],
+    per-batch level ids, default tile sizes (the sequence is padded to whole blocks)."""
+    lev_BL, H, D, recorded_len = fixture_layout(golden_dir)
     B, L = lev_BL.shape
-    assert L == 6 + 4 + 9 + 16 + 32
+    assert L == recorded_len  # the teacher-forced sequence the reference ran
     check_level_attention(lev_BL, lev_BL, B, L, L, H, D, dtype, None, seed=1)
 
 
@@ -357,8 +361,7 @@ def test_dispatcher_impls_agree():
     ks = jax.random.split(jax.random.PRNGKey(5), 3)
     q, k, v = (rand(kk, (B, L, H, D), jnp.float32) for kk in ks)
     want = level_attention_reference(q, k, v, lev, lev, 0.0625)
-    attn.set_pallas_interpret(True)
-    try:
+    with pallas_interpret_mode(True):
         for impl in ("xla", "pallas"):
             run = jax.jit(
                 lambda q, k, v, impl=impl: attn.attention(
@@ -378,8 +381,6 @@ def test_dispatcher_impls_agree():
                 )
             )
             assert_tree_close([stacked(q[:, :9], k_all, v_all, jnp.int32(1))], [want_c], 1e-5, [f"stacked {impl}"])
-    finally:
-        attn.set_pallas_interpret(False)
     assert attn.resolve_impl("auto") == "xla"  # this machine is a CPU
     # xla path in bf16: bf16 matmul operands, fp32 softmax
     qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
@@ -449,8 +450,7 @@ def test_pallas_kernels_split_over_the_context_mesh():
     n = jnp.array([5, 40, 128, 77], jnp.int32)
     cf = jax.jit(lambda q, ka, va, layer: attn.cache_attention(
         q, ka, va, valid_len=n, scale=0.1, layer=layer, impl="pallas"))
-    attn.set_pallas_interpret(True)
-    try:
+    with pallas_interpret_mode(True):
         with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
             assert attn.kernel_mesh_axes(B, H)[1:] == (("data", "fsdp"), ("tensor",))
             assert "shard_map" in str(jax.make_jaxpr(f)(qs, ks_, vs))
@@ -459,8 +459,6 @@ def test_pallas_kernels_split_over_the_context_mesh():
             assert attn.kernel_mesh_axes(B, H)[1:] == (("data", "fsdp"), ())  # 8 does not divide 4 rows
             assert attn.kernel_spec("NBLHD", B, H) == P(None, ("data", "fsdp"), None, None, None)
             got_c = cf(q[:, :9], k_all, v_all, jnp.int32(1))
-    finally:
-        attn.set_pallas_interpret(False)
     assert attn.kernel_mesh_axes(B, H) is None  # no context mesh: the kernels run as they are
     assert out.sharding.spec == P(("data", "fsdp"), None, "tensor", None)
     assert_tree_close([out], [ref(q, k, v)], 1e-5, ["fwd"])

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,15 +24,22 @@ def release(golden_dir, tmp_path):
     return tmp_path
 
 
-def _state(release):
+def _state(release: Path) -> dict[str, np.ndarray]:
+    """The llm/ weights of the release copy."""
     return load_file(release / "llm" / "model.safetensors")
+
+
+def _tokenizer_config(release: Path) -> dict:
+    """The release's tokenizer/config.json (vocabulary and latent width the transformer uses)."""
+    return json.loads((release / "tokenizer" / "config.json").read_text())
 
 
 def test_cli_round_trip(release, tmp_path, capsys):
     out = tmp_path / "out"
     assert convert_main(["llm", str(release / "llm"), str(out)]) == 0
     cfg_dict, params = load_converted(out, kind="transformer")
-    assert cfg_dict["vocab_size"] == 640 and cfg_dict["z_channels"] == 8
+    tok = _tokenizer_config(release)
+    assert cfg_dict["vocab_size"] == tok["vocab_size"] and cfg_dict["z_channels"] == tok["z_channels"]
     _, ref = convert_llm(release / "llm")
     a, b = flatten_params(params), flatten_params(ref)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -51,34 +59,37 @@ def test_ema_weights_are_the_default(release):
 
 def test_buffers_are_dropped_and_bad_keys_reported(release):
     state = _state(release)
+    last = int(json.loads((release / "llm" / "config.json").read_text())["depth"]) - 1
     assert "attn_bias_for_masking" in state and "blocks.0.attn.zero_k_bias" in state  # present, ignored
-    del state["blocks.1.ffn.up_proj.weight"]
+    del state[f"blocks.{last}.ffn.up_proj.weight"]
     state["blocks.0.attn.extra"] = np.zeros(3, np.float32)
     state["head.bias"] = np.zeros(5, np.float32)
     save_file(state, release / "llm" / "model.safetensors")
     with pytest.raises(ConversionError) as e:
         convert_llm(release / "llm")
     msg = str(e.value)
-    assert "blocks_1/ffn/up_proj/kernel" in msg and "blocks.0.attn.extra" in msg
+    assert f"blocks_{last}/ffn/up_proj/kernel" in msg and "blocks.0.attn.extra" in msg
     assert "head.bias: [5]" in msg
 
 
 def test_config_flags_disagreeing_with_the_weights_are_named(release):
     cfg = json.loads((release / "llm" / "config.json").read_text())
-    cfg["disable_aln"] = False
-    cfg["depth"] = 3
+    aln, depth = bool(cfg["disable_aln"]), int(cfg["depth"])
+    cfg["disable_aln"] = not aln
+    cfg["depth"] = depth + 1
     (release / "llm" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError) as e:
         convert_llm(release / "llm")
-    assert "disable_aln=False but the weights say True" in str(e.value)
-    assert "depth=3 but the weights have 2 blocks" in str(e.value)
+    assert f"disable_aln={not aln} but the weights say {aln}" in str(e.value)
+    assert f"depth={depth + 1} but the weights have {depth} blocks" in str(e.value)
 
 
 def test_tokenizer_config_disagreeing_with_the_weights(release):
-    cfg = json.loads((release / "tokenizer" / "config.json").read_text())
-    cfg["vocab_size"] = 4096
+    cfg = _tokenizer_config(release)
+    vocab = int(cfg["vocab_size"])
+    cfg["vocab_size"] = 2 * vocab
     (release / "tokenizer" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="vocab_size=4096.*head \\[640"):
+    with pytest.raises(CheckpointError, match=rf"vocab_size={2 * vocab}.*head \[{vocab}"):
         convert_llm(release / "llm")
 
 

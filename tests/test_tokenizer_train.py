@@ -7,7 +7,8 @@ overlap with them:
     then resumed -> bit-identical state and the same data order; diverge: a huge
     learning rate -> ``TrainingDiverged``. These use a smaller tokenizer (SMALL_FLAGS,
     8 px images) than the preset: compile time on a shared 2-core machine;
-  * decoder: the preset itself (24 px), ``trainable="decoder"`` fine-tuning from the
+  * decoder: the preset with every tokenizer field of the golden config (its image size),
+    ``trainable="decoder"`` fine-tuning from the
     converted golden tokenizer with a discriminator kept by ``--keep-discriminator``
     (t2i records through the image-only pipeline).
 """
@@ -460,7 +461,9 @@ def test_reconstruction_falls_and_codebook_metrics(runs):
         assert sorted(s[tag]) == list(range(1, N + 1)), tag
     rec = [s["train/rec"][i] for i in range(1, N + 1)]
     assert np.mean(rec[-4:]) < 0.6 * np.mean(rec[:3]), rec
-    vocab = 640
+    from configs.train import get_config
+
+    vocab = int(get_config("tokenizer_tiny").tokenizer.vocab_size)  # the run's preset (SMALL_FLAGS keep it)
     n_scales = len(SMALL_TOKENIZER["v_patch_nums"])
     for k in range(n_scales):
         for i in range(1, N + 1):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import pallas_interpret_mode
 from configs.train import get_config
 from hart_jax.train import loop
 from hart_jax.train.objective import cond_dropout, keep_count, kept_indices
@@ -65,15 +66,10 @@ def single():
 def test_sharded_step_matches_single_device(single, mesh_kw, impl):
     """Against the single-device run (xla attention on CPU); the pallas case runs the fused
     kernels (interpreted) under shard_map, each device on its rows and heads."""
-    from hart_jax.attention import set_pallas_interpret
-
     assert len(jax.devices()) == 8
     _, ref_state, ref_hist, _ = single
-    set_pallas_interpret(impl == "pallas")
-    try:
+    with pallas_interpret_mode(impl == "pallas"):
         comp, state, hist, shardings = run_steps(mesh_kw, jax.devices(), model__attention_impl=impl)
-    finally:
-        set_pallas_interpret(False)
     assert comp.tcfg.attention_impl == impl
     # the mesh really shards: FSDP splits the big kernels, TP the MLP
     spec = shardings.params["blocks_0"]["ffn"]["gate_proj"]["kernel"].spec

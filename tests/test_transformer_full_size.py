@@ -1,6 +1,7 @@
 """Full-size 0.7B 1024 px transformer: shapes only (jax.eval_shape) against the release manifests."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,28 +13,36 @@ from hart_jax.convert.table import flatten_params
 from hart_jax.convert.torch_io import load_manifest
 from hart_jax.models.transformer import T2IConfig, abstract_params
 
-PRIMARY = ("hart-0.7b-1024px.transformer.keys.json", "transformer", 732_399_168)
-ALTERNATIVE = ("hart-0.7b-1024px.transformer.keys.alt-d16-adaln.json", "transformer.alt-d16-adaln", 729_761_856)
-DIFFLOSS_PARAMS = 36_585_536
+PRIMARY = ("hart-0.7b-1024px.transformer.keys.json", "transformer")
+ALTERNATIVE = ("hart-0.7b-1024px.transformer.keys.alt-d16-adaln.json", "transformer.alt-d16-adaln")
 
 
-def _config_from_summary(golden_dir, entry):
-    d = dict(json.loads((golden_dir / "hart-0.7b-1024px.summary.json").read_text())[entry]["config"])
+def _summary(golden_dir: Path) -> dict:
+    """The fixture's record of the release-size configs and parameter counts."""
+    return json.loads((golden_dir / "hart-0.7b-1024px.summary.json").read_text())
+
+
+def _config_from_summary(golden_dir: Path, entry: str) -> T2IConfig:
+    """``entry``'s transformer config, with the vocabulary and latent width of the summary's tokenizer."""
+    summary = _summary(golden_dir)
+    d = dict(summary[entry]["config"])
     d["model_type"] = "hart_transformer_t2i"
-    return T2IConfig.from_hf_dict(d, vocab_size=4096, z_channels=32, source=entry)
+    tok = summary["tokenizer"]["config"]
+    return T2IConfig.from_hf_dict(d, vocab_size=tok["vocab_size"], z_channels=tok["z_channels"], source=entry)
 
 
 def test_preset_is_the_summary_config(golden_dir):
     assert T2IConfig(**get_config("hart_0p7b_1024")) == _config_from_summary(golden_dir, "transformer")
 
 
-@pytest.mark.parametrize("manifest,entry,total", [PRIMARY, ALTERNATIVE], ids=["primary", "alt-d16-adaln"])
-def test_mapping_covers_exactly_the_manifest(golden_dir, manifest, entry, total):
+@pytest.mark.parametrize("manifest,entry", [PRIMARY, ALTERNATIVE], ids=["primary", "alt-d16-adaln"])
+def test_mapping_covers_exactly_the_manifest(golden_dir, manifest, entry):
     cfg = _config_from_summary(golden_dir, entry)
+    total = _summary(golden_dir)[entry]["total_params"]
     keys = load_manifest(golden_dir / manifest)
     expected = abstract_params(cfg)
     assert count_params(expected) == total
-    assert count_params(expected["diffloss"]) == DIFFLOSS_PARAMS
+    assert count_params(expected["diffloss"]) == _summary(golden_dir)[entry]["diffloss_params"]
 
     converted = convert_llm_state(keys, cfg, source=manifest, shapes_only=True)
     got, want = flatten_params(converted), flatten_params(expected)
