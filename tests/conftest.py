@@ -76,3 +76,16 @@ def golden_dir() -> Path:
             f"golden fixtures not found at {GOLDEN_DIR}; set HART_GOLDEN_DIR to the fixture directory"
         )
     return GOLDEN_DIR
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say which tests could not run (skipped), or that every collected test ran: CI's legs
+    print this so a leg missing an optional dependency (e.g. torch) says what it left out."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        terminalreporter.write_line("tests not run: none")
+        return
+    terminalreporter.write_line(f"tests not run: {len(skipped)}")
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        terminalreporter.write_line(f"  {report.nodeid}: {reason}")

@@ -213,8 +213,10 @@ def flat(tree) -> dict[str, np.ndarray]:
 
 
 def test_runs_start(runs):
-    """Starts the subprocess runs (the in-process tests below overlap with them)."""
-    assert set(runs.procs) == {"straight", "killed", "decoder", "diverge"}
+    """Starts the subprocess runs (the in-process tests overlap with them). In random order a
+    test that needs the resumed run may come first and start it (after the killed one ends)."""
+    first = {"straight", "killed", "decoder", "diverge"}
+    assert first <= set(runs.procs) and set(runs.procs) - first <= {"resumed"}, set(runs.procs)
 
 
 # ------------------------------------------------- discriminator + converter
