@@ -14,10 +14,13 @@ Measures, on the current default device:
 Throughput counts useful FLOPs only (visible query-key pairs: 4·D per pair forward,
 2.5x that again backward), so an implementation that computes masked entries gets no
 credit for them. Results are written as JSON (``--out``) and printed as a Markdown
-table for ``docs/benchmarks.md``.
+table for ``docs/benchmarks.md``. ``--write-table PATH`` merges the times into the
+dispatch table ``attention_impl="auto"`` reads (``hart_jax/kernels/dispatch_table.json``:
+the group of this device kind and dtype is replaced; ``-`` prints the group instead).
 
 Usage (GPU):   python -m bench.attention_bench --out bench_results.json
 Tile sweep:    python -m bench.attention_bench --sweep --stages 0,8,13 --out sweep.json
+Auto's table: python -m bench.attention_bench --write-table hart_jax/kernels/dispatch_table.json
 Smoke (CPU):   python -m bench.attention_bench --smoke   (tiny shapes, Pallas interpreted)
 """
 
@@ -39,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hart_jax import attention as attn  # noqa: E402
+from hart_jax.kernels import dispatch_table  # noqa: E402
 from hart_jax.kernels.cache_attention import CacheAttentionConfig, padded_cache_length  # noqa: E402
 from hart_jax.kernels.level_attention import LevelAttentionConfig  # noqa: E402
 from hart_jax.models.transformer import T2IConfig  # noqa: E402
@@ -274,6 +278,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true",
                    help="also time the Pallas kernels over a grid of tiles / warps / stages")
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    p.add_argument("--write-table", default=None, metavar="PATH",
+                   help="merge the times into this dispatch table (hart_jax/kernels/dispatch_table.json "
+                        "is the one attention_impl=auto reads); '-' prints the table group instead")
     args = p.parse_args(argv)
     if args.smoke:
         args.batch, args.sample_batch, args.matmul_n = 1, 2, 128
@@ -298,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "backend": backend,
         "jax": jax.__version__,
         "dtype": args.dtype,
+        "command": " ".join(["python -m bench.attention_bench", *(sys.argv[1:] if argv is None else argv)]),
         "smoke": args.smoke,
         "pallas_interpret": interpret,
         "cache_layout": args.cache_layout,
@@ -319,6 +327,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
     print(markdown(result))
+    if args.write_table == "-":
+        print(json.dumps(dispatch_table.group_from_bench(result), indent=1))
+    elif args.write_table:
+        dispatch_table.write_table(Path(args.write_table), result)
+        print(f"dispatch table: {args.write_table} ({result['device']}, {args.dtype})")
     return result
 
 

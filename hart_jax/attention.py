@@ -9,8 +9,11 @@
   (sampling); GPU only, bf16/fp16 only.
 - ``"pallas"``: the fused Pallas Triton kernels of ``hart_jax.kernels``; GPU, or
   any backend with ``interpret=True`` (tests).
-- ``"auto"`` (or None): the fastest measured implementation for the backend
-  (``DEFAULT_IMPL_BY_BACKEND``); the choice is logged once.
+- ``"auto"`` (or None): per call shape, the implementation measured fastest at the
+  nearest measured shape on this GPU kind (``auto_impl``, the table and its rule in
+  ``hart_jax.kernels.dispatch_table``); without measurements for the device kind, dtype,
+  head dim or op, the backend default (``DEFAULT_IMPL_BY_BACKEND``; CPU: ``xla``).
+  Each distinct choice is logged once; ``describe_impl`` states the rule in words.
 
 Two entry points: ``attention`` (training / teacher forcing, level mask) and
 ``cache_attention`` (sampling, queries of one scale against the KV cache).
@@ -34,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from hart_jax.kernels import dispatch_table
 from hart_jax.kernels import reference as _ref
 from hart_jax.kernels.cache_attention import CacheAttentionConfig, check_cache_inputs
 from hart_jax.kernels.cache_attention import cache_attention as pallas_cache_attention
@@ -45,9 +49,9 @@ logger = logging.getLogger(__name__)
 
 IMPLS = ("xla", "cudnn", "pallas")
 
-# The implementation "auto" picks on a GPU. Set from bench/attention_bench.py on the
-# target GPU (docs/benchmarks.md); until a measurement says otherwise it is the fused
-# Pallas kernel, the only one that skips fully masked blocks.
+# The implementation "auto" picks on a GPU for a shape with no measurement that applies
+# (hart_jax/kernels/dispatch_table.json holds those): the fused Pallas kernel, the only
+# one that skips fully masked blocks.
 FASTEST_MEASURED_GPU_IMPL = "pallas"
 
 DEFAULT_IMPL_BY_BACKEND = {
@@ -58,7 +62,7 @@ DEFAULT_IMPL_BY_BACKEND = {
     "tpu": "xla",
 }
 
-_logged: set[tuple[str, str, str]] = set()
+_logged: set[tuple] = set()
 _interpret: bool = os.environ.get("HART_PALLAS_INTERPRET", "0").lower() in ("1", "true", "yes")
 
 
@@ -74,7 +78,10 @@ def pallas_interpret() -> bool:
 
 
 def resolve_impl(impl: str | None = "auto", backend: str | None = None) -> str:
-    """``"auto"``/None -> the default for ``backend`` (default: JAX's); logs the choice once."""
+    """One name for ``impl``: ``"auto"``/None -> the default for ``backend`` (default: JAX's);
+    logs the choice once. That default is what ``auto`` falls back to where no measurement
+    applies; ``attention``/``cache_attention`` choose per call shape (``auto_impl``), and
+    ``describe_impl`` reports that rule."""
     backend = backend or jax.default_backend()
     requested = "auto" if impl is None else impl
     if requested == "auto":
@@ -88,6 +95,83 @@ def resolve_impl(impl: str | None = "auto", backend: str | None = None) -> str:
         _logged.add(key)
         logger.info("attention_impl=%s (requested %s, backend %s)", chosen, requested, backend)
     return chosen
+
+
+def _log_once(key: tuple, msg: str, *args: Any) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.info(msg, *args)
+
+
+def current_device() -> tuple[str, str]:
+    """``(backend, device kind)`` of JAX's default device, e.g. ``("gpu", "NVIDIA H200")``."""
+    return jax.default_backend(), str(jax.devices()[0].device_kind)
+
+
+def _device(backend: str | None, device_kind: str | None) -> tuple[str, str]:
+    if backend is None or device_kind is None:
+        b, kind = current_device()
+        return backend or b, device_kind or kind
+    return backend, device_kind
+
+
+def auto_impl(
+    op: str, dtype: Any, queries: int, keys: int, head_dim: int,
+    *, backend: str | None = None, device_kind: str | None = None,
+) -> str:
+    """``"auto"``'s implementation for one call: ``op`` (``"cache_attention"`` or
+    ``"level_attention"``), input ``dtype``, ``queries`` x visible ``keys``, ``head_dim``.
+
+    CPU: ``xla``. Elsewhere: ``dispatch_table.choose`` for the device kind (fastest at the
+    nearest measured shape, by log query-key pairs; never cuDNN for fp32); with nothing
+    measured for it, the backend default, saying so in the log. A pure function of static
+    values (it runs at trace time); each distinct choice is logged once.
+    """
+    backend, kind = _device(backend, device_kind)
+    if backend == "cpu":
+        return resolve_impl("auto", backend)
+    default = DEFAULT_IMPL_BY_BACKEND.get(backend, "xla")
+    dname = jnp.dtype(dtype).name
+    choice = dispatch_table.choose(op, kind, dname, queries, keys, head_dim)
+    if choice is None:
+        _log_once(
+            ("auto", op, backend, kind, dname, head_dim, default),
+            "attention_impl=auto: no %s measurements for %s (%s, head dim %d); using the %s default %s",
+            op, kind, dname, head_dim, backend, default,
+        )
+        return default
+    e, g = choice.entry, choice.group
+    _log_once(
+        ("auto", op, backend, kind, dname, head_dim, queries, keys, choice.impl),
+        "attention_impl=auto: %s Q=%d K=%d D=%d %s -> %s (nearest measured Q=%d K=%d on %s, JAX %s: %s)",
+        op, queries, keys, head_dim, dname, choice.impl, e.queries, e.keys, kind, g.jax,
+        ", ".join(f"{i} {t:g} ms" for i, t in e.ms),
+    )
+    return choice.impl
+
+
+def describe_impl(
+    impl: str | None, dtype: Any, head_dim: int,
+    *, backend: str | None = None, device_kind: str | None = None,
+) -> str:
+    """What ``impl`` runs on this device, in words: the name for an explicit one and for
+    ``auto`` on a CPU; for ``auto`` elsewhere the per-shape rule of each op, e.g. ``auto:
+    sampling: pallas up to 7.5e+06 query-key pairs, then cudnn above (...); training: pallas
+    (no measurements); measured on NVIDIA H200, JAX 0.11.2, bfloat16, head dim 64``."""
+    if impl not in (None, "auto"):
+        return resolve_impl(impl, backend)
+    backend, kind = _device(backend, device_kind)
+    if backend == "cpu":
+        return resolve_impl("auto", backend)
+    default = DEFAULT_IMPL_BY_BACKEND.get(backend, "xla")
+    dname = jnp.dtype(dtype).name
+    parts = []
+    for op, what in (("cache_attention", "sampling"), ("level_attention", "training")):
+        rule = dispatch_table.describe_rule(op, kind, dname, head_dim)
+        parts.append(f"{what}: {rule or default + ' (no measurements)'}")
+    group = dispatch_table.find_group(dispatch_table.load_table(), kind, dname)
+    source = f"measured on {kind}, JAX {group.jax}" if group else f"no measurements for {kind}"
+    return f"auto: {'; '.join(parts)}; {source}, {dname}, head dim {head_dim}"
 
 
 def _kernel_precision(precision: lax.PrecisionLike) -> lax.Precision:
@@ -219,10 +303,13 @@ def attention(
     docstring. ``interpret`` (Pallas only) defaults to ``pallas_interpret()``.
     Returns ``[B, Q, A, D]`` in the input dtype.
     """
-    chosen = resolve_impl(impl)
     check_qkv(q_BQAD, k_BKAD, v_BKAD)
-    B, Q, A, _ = q_BQAD.shape
+    B, Q, A, D = q_BQAD.shape
     K = k_BKAD.shape[1]
+    if impl in (None, "auto"):
+        chosen = auto_impl("level_attention", q_BQAD.dtype, Q, K, D)
+    else:
+        chosen = resolve_impl(impl)
     q_lev = _ref.levels_2d(q_levels, B, Q, "q_levels")
     k_lev = _ref.levels_2d(k_levels, B, K, "k_levels")
     if chosen == "xla":
@@ -271,12 +358,20 @@ def cache_attention(
     the stacked caches of every block ``[X, B, K, A, D]``, of which block ``layer``
     is read (``pallas`` reads it in place; ``xla``/``cudnn`` slice it out).
     ``valid_len``: int scalar or ``[B]``; a Python int lets ``xla`` read just that
-    prefix of the cache. Forward only for ``pallas``. Returns ``[B, Q, A, D]`` in the
+    prefix of the cache (and is the visible key count ``auto`` chooses by; otherwise
+    the cache length). Forward only for ``pallas``. Returns ``[B, Q, A, D]`` in the
     input dtype.
     """
-    chosen = resolve_impl(impl)
     layer_1 = check_cache_inputs(q_BQAD, k_cache, v_cache, layer)
     B, Q, A, D = q_BQAD.shape
+    lm_axis = 1 if layer is None else 2
+    if impl in (None, "auto"):
+        visible = k_cache.shape[lm_axis]
+        if isinstance(valid_len, int):
+            visible = max(0, min(valid_len, visible))
+        chosen = auto_impl("cache_attention", q_BQAD.dtype, Q, visible, D)
+    else:
+        chosen = resolve_impl(impl)
     if chosen == "pallas":
         kw = _pallas_kwargs(scale, config, precision, interpret)
         n_B = _ref.valid_len_1d(valid_len, B)
@@ -289,7 +384,6 @@ def cache_attention(
             args, layouts = args + (layer_1[0],), layouts + ("",)
             run = lambda q, kc, vc, n, li: pallas_cache_attention(q, kc, vc, n, layer=li, **kw)  # noqa: E731
         return _split_over_mesh(run, args, layouts, B, A)
-    lm_axis = 1 if layer is None else 2
     static_len = isinstance(valid_len, int) and 0 < valid_len < k_cache.shape[lm_axis]
     if layer is not None:
         n = valid_len if chosen == "xla" and static_len else k_cache.shape[lm_axis]

@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> Iterator[str]:
 
     import jax.numpy as jnp
 
-    from hart_jax.attention import resolve_impl
+    from hart_jax.attention import describe_impl
     from hart_jax.pipeline import HARTPipeline
 
     dtype = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> Iterator[str]:
         "more_smooth": more_smooth,
         "batch_size": args.batch_size,
         "dtype": str(jnp.dtype(pipe.dtype)),
-        "attention_impl": resolve_impl(pipe.t2i_cfg.attention_impl),
+        "attention_impl": describe_impl(pipe.t2i_cfg.attention_impl, pipe.dtype, pipe.t2i_cfg.head_dim),
         "resolution": pipe.resolution,
         "files": names,
         "images": [
