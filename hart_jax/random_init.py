@@ -1,10 +1,10 @@
 """Pipelines with random weights at any size, set up in seconds (benchmarks, compile checks).
 
-Speed does not depend on the weights' values, so benchmarks run on random ones: the
-transformer gets its real initialisation (``init_variables``: one-token inputs, nothing
-of the full-length forward is compiled), the tokenizer and the text encoder get
-``random_like`` values (normal(0, 0.02) matrices, unit scales, zero biases) drawn in one
-small jitted program from their shapes. ``abstract=True`` gives shapes only
+Speed does not depend on the weights' values, so benchmarks run on random ones:
+``random_like`` values (normal(0, 0.02) matrices, unit norm scales, zero biases) drawn
+from each model's shapes (``jax.eval_shape``, nothing compiled but one small program).
+The transformer's real initialisation is ``models.transformer.init_variables`` (what
+training uses); its many per-parameter random draws take far longer to compile. ``abstract=True`` gives shapes only
 (``jax.ShapeDtypeStruct`` leaves): enough to lower and compile a program without
 allocating a weight.
 """
@@ -75,21 +75,27 @@ def _leaf_name(path: tuple) -> str:
 
 def random_like(shapes: Any, key: jax.Array, std: float = 0.02) -> Any:
     """Random values shaped like ``shapes`` (a pytree of ``ShapeDtypeStruct``/arrays):
-    1-D ``scale``/``weight`` leaves 1, biases 0, everything else normal(0, ``std``),
-    in each leaf's dtype; drawn by one jitted program."""
+    1-D ``scale``/``weight`` leaves 1, biases 0, everything else normal(0, ``std``), in
+    each leaf's dtype. One jitted program with ONE normal draw sliced into the leaves
+    (a draw per leaf would make a program whose compilation takes minutes)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    kinds = []
+    for path, leaf in flat:
+        name = _leaf_name(path)
+        kinds.append("ones" if len(leaf.shape) == 1 and name in ONES else "zeros" if name in ZEROS else "normal")
+    sizes = [int(np.prod(leaf.shape)) for _, leaf in flat]
+    total = sum(n for n, kind in zip(sizes, kinds) if kind == "normal")
 
     def draw(key: jax.Array) -> list[jax.Array]:
-        keys = jax.random.split(key, max(1, len(flat)))
-        out = []
-        for k, (path, leaf) in zip(keys, flat):
-            name, shape, dtype = _leaf_name(path), tuple(leaf.shape), leaf.dtype
-            if len(shape) == 1 and name in ONES:
-                out.append(jnp.ones(shape, dtype))
-            elif name in ZEROS:
-                out.append(jnp.zeros(shape, dtype))
+        noise = std * jax.random.normal(key, (max(total, 1),), jnp.float32)
+        out, at = [], 0
+        for (_, leaf), kind, n in zip(flat, kinds, sizes):
+            shape, dtype = tuple(leaf.shape), leaf.dtype
+            if kind == "normal":
+                out.append(jax.lax.dynamic_slice_in_dim(noise, at, n).reshape(shape).astype(dtype))
+                at += n
             else:
-                out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+                out.append((jnp.ones if kind == "ones" else jnp.zeros)(shape, dtype))
         return out
 
     return jax.tree_util.tree_unflatten(treedef, jax.jit(draw)(key))
@@ -125,12 +131,12 @@ def random_pipeline(
     qm = Qwen2Model(q_cfg, dtype=dtype)
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     q_shapes = jax.eval_shape(qm.init, k_txt, ids, jax.ShapeDtypeStruct((1, 1), bool))["params"]
+    t2i_shapes = jax.eval_shape(lambda k: init_variables(t2i_cfg, k), k_t2i)
     if abstract:
-        tok_vars, q_params = tok_shapes, q_shapes
-        t2i_vars = jax.eval_shape(lambda k: init_variables(t2i_cfg, k), k_t2i)
+        tok_vars, q_params, t2i_vars = tok_shapes, q_shapes, t2i_shapes
     else:
-        tok_vars, q_params = random_like(tok_shapes, k_tok), random_like(q_shapes, k_txt)
-        t2i_vars = jax.jit(lambda k: init_variables(t2i_cfg, k))(k_t2i)
+        tok_vars, q_params, t2i_vars = (random_like(x, k) for x, k in
+                                        ((tok_shapes, k_tok), (q_shapes, k_txt), (t2i_shapes, k_t2i)))
     if dtype != jnp.float32:
         t2i_vars, q_params = _cast(t2i_vars, dtype), _cast(q_params, dtype)
     text = TextParts(qm, q_params, q_cfg, t2i_cfg.context_token)
