@@ -90,7 +90,8 @@ def build(
 
         t2i_vars, q_params = cast(t2i_vars), cast(q_params)
     text = TextParts(qm, q_params, q_cfg, t2i_cfg.context_token)
-    return HARTPipeline(tok_cfg, tok_vars, t2i_cfg, t2i_vars, text, dtype=dtype)
+    # no persistent compilation cache: compile_s measures XLA compiling, not a cache read
+    return HARTPipeline(tok_cfg, tok_vars, t2i_cfg, t2i_vars, text, dtype=dtype, compile_cache=False)
 
 
 def inputs(pipe: HARTPipeline, batch: int, prefix_len: int = 64):
