@@ -9,7 +9,9 @@ Without ``--ckpt`` the built-in default model (``hart_jax.builtin``, trained by 
 procedural shapes dataset) is used. A release checkpoint directory comes from
 ``python -m hart_jax.convert release hart-0.7b-1024px Qwen2-VL-1.5B-Instruct OUT --prefix-from constants.py``.
 Writes one PNG per image (or one grid with --grid) and settings.json with every
-prompt and setting used. Errors print one line and exit with status 2. The flags and
+prompt and setting used. Compiled programs are kept in JAX's persistent compilation cache
+(default ``~/.cache/hart_jax/jax_cache``; ``--no-compile-cache`` for none), so a later run of
+the same shapes skips compiling. Errors print one line and exit with status 2. The flags and
 the work are in ``hart_jax/sample_cli.py``.
 """
 

@@ -15,6 +15,10 @@ seed ``seed + i`` (or ``seeds[i]``), so a batch gives the same images as single 
 
 Dimensions (docs/design.md): B batch (images per program call); L tokens (prefix + prompt);
 T context tokens.
+
+Compiled programs are also kept on disk by JAX's persistent compilation cache, so a new
+process running the same shapes loads them instead of compiling (``compile_cache``;
+policy and default directory in ``hart_jax/compile_cache.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 
 from hart_jax.attention import resolve_impl
 from hart_jax.checkpoint import MARKER, load_converted, read_marker
+from hart_jax.compile_cache import CacheSetting, enable_compile_cache
 from hart_jax.errors import CheckpointError
 from hart_jax.loading import PIPELINE_KIND, PIPELINE_PARTS, write_pipeline_marker
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
@@ -85,7 +90,17 @@ def check_pipeline_dir(ckpt_dir: str | os.PathLike) -> Path:
 
 
 class HARTPipeline:
-    """Loaded tokenizer + transformer + text encoder, and the compiled programs."""
+    """Loaded tokenizer + transformer + text encoder, and the compiled programs.
+
+    ``compile_cache``: JAX's persistent compilation cache. ``None`` follows the policy of
+    ``hart_jax.compile_cache`` (``$HART_JAX_COMPILE_CACHE``, else
+    ``$XDG_CACHE_HOME/hart_jax/jax_cache`` = ``~/.cache/hart_jax/jax_cache``; an earlier
+    choice in this process is kept), ``False`` none, a path that directory (an unusable
+    one is a ``HartError``). The cache is process-wide: a later pipeline that asks for
+    another directory switches it for every program compiled from then on, and a cache
+    directory configured through JAX itself always wins. ``compile_cache_dir`` is the
+    directory in use (None: off).
+    """
 
     def __init__(
         self,
@@ -98,7 +113,9 @@ class HARTPipeline:
         dtype: Any = None,
         mesh: jax.sharding.Mesh | None = None,
         shard_params: bool = False,
+        compile_cache: CacheSetting = None,
     ) -> None:
+        self.compile_cache_dir = enable_compile_cache(compile_cache)  # before anything compiles
         self.dtype = dtype or default_dtype()
         self.shard_params = shard_params
         self.tok_cfg, self.t2i_cfg = tok_cfg, t2i_cfg
@@ -132,9 +149,11 @@ class HARTPipeline:
 
         ``attention_impl`` (``auto``/``xla``/``cudnn``/``pallas``) overrides the
         transformer's attention implementation (default: the config's, ``auto``).
+        Keywords go to ``HARTPipeline(...)``; ``compile_cache`` takes effect before loading.
         """
         from hart_jax.prompts import PromptEncoder
 
+        enable_compile_cache(kw.get("compile_cache"))  # before loading compiles anything
         d = check_pipeline_dir(ckpt_dir)
         tok_cfg_d, tok_vars = load_converted(d / "tokenizer", kind="tokenizer")
         tok_cfg = TokenizerConfig.from_hf_dict(tok_cfg_d, source=str(d / "tokenizer" / "config.json"))

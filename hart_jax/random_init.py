@@ -122,9 +122,12 @@ def random_pipeline(
     *,
     abstract: bool = False,
     seed: int = 0,
+    compile_cache: Any = False,
 ) -> HARTPipeline:
     """A :class:`HARTPipeline` with random weights (shapes only if ``abstract``); the
-    transformer and text encoder weights are stored in ``dtype``, the tokenizer in fp32."""
+    transformer and text encoder weights are stored in ``dtype``, the tokenizer in fp32.
+    ``compile_cache`` as in :class:`HARTPipeline`; off by default, so that a benchmark's
+    compile time is XLA compiling, not a read from the persistent cache."""
     k_tok, k_t2i, k_txt = jax.random.split(jax.random.PRNGKey(seed), 3)
     side = tok_cfg.v_patch_nums[-1] * tok_cfg.downsample
     tok_shapes = jax.eval_shape(HARTAutoEncoder(tok_cfg).init, k_tok, jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
@@ -140,7 +143,7 @@ def random_pipeline(
     if dtype != jnp.float32:
         t2i_vars, q_params = _cast(t2i_vars, dtype), _cast(q_params, dtype)
     text = TextParts(qm, q_params, q_cfg, t2i_cfg.context_token)
-    return HARTPipeline(tok_cfg, tok_vars, t2i_cfg, t2i_vars, text, dtype=dtype)
+    return HARTPipeline(tok_cfg, tok_vars, t2i_cfg, t2i_vars, text, dtype=dtype, compile_cache=compile_cache)
 
 
 def prompt_draws(

@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices, fp32 matmuls, and the golden fixture directory.
+"""Test setup: 8 fake CPU devices, fp32 matmuls, no persistent compilation cache, and the
+golden fixture directory.
 
 ``HART_GOLDEN_DIR`` (default ``../shared/golden`` next to the repository) holds the
 fixtures made by the original PyTorch code; parity tests take every config,
@@ -16,6 +17,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's persistent compilation cache is off for the suite (and the subprocesses it starts):
+# nothing is written to the user's cache directory, and tests compile what they test.
+# tests/test_compile_cache.py turns it on explicitly, in temporary directories.
+os.environ.setdefault("HART_JAX_COMPILE_CACHE", "off")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
