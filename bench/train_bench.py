@@ -38,10 +38,7 @@ import numpy as np  # noqa: E402
 from configs.train import get_config  # noqa: E402
 from hart_jax.models.transformer import T2IConfig  # noqa: E402
 from hart_jax.train.loop import build  # noqa: E402
-
-# dense bf16 peaks (TFLOP/s) of known accelerators
-KNOWN_PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
-
+from bench.peaks import KNOWN_PEAKS, matmul_peak  # noqa: E402
 
 def model_flops(cfg: T2IConfig, batch: int, n_keep: int, batch_mul: int) -> float:
     """Training FLOPs of one step (3x forward) for the transformer + head + diffusion head."""
@@ -61,19 +58,6 @@ def model_flops(cfg: T2IConfig, batch: int, n_keep: int, batch_mul: int) -> floa
         + batch * n_keep * batch_mul * diff_row  # diffusion head on the tiled rows
     )
     return 3.0 * fwd
-
-
-def matmul_peak(n: int = 2048, dtype: Any = jnp.float32, reps: int = 5) -> float:
-    """Measured FLOP/s of an ``n^3`` matmul on the default device."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times)
 
 
 def synthetic_batch(comp: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray]:

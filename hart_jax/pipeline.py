@@ -210,7 +210,8 @@ class HARTPipeline:
                 raise ValueError("this pipeline has no text encoder; use generate_from_context")
 
             def fn(t2i_vars, tok_vars, text_params, ids, attn, mask, pos, keys, guidance):
-                hidden = text.model.apply({"params": text_params}, ids, attn)
+                with jax.named_scope("text_encoder"):
+                    hidden = text.model.apply({"params": text_params}, ids, attn)
                 context = hidden[:, -n_ctx:].astype(jnp.float32)
                 return sample(t2i_vars, tok_vars, context, mask, pos, keys, guidance, None)
 

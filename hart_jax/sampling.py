@@ -232,25 +232,27 @@ def sample_images(
         return idx, emb
 
     for si in range(n - 1):
-        ratio = scfg.ratio(si, n)
-        h, caches = apply(HARTTransformer.stage, x, si, caches, cond, pos2, mask2)
-        trace[f"hidden_s{si}"] = h
-        if si == 0:
-            h = h[:, -1:]
-        idx, emb = pick(si, apply(HARTTransformer.logits, h, cond), ratio)
-        emb = emb.reshape(b, pn[si], pn[si], cfg.z_channels)
-        f_hat, nxt = quant(lambda q, *a: q.next_autoregressive_input(si, pn, *a), f_hat, emb)
-        trace[f"fhat_s{si}"] = f_hat
-        trace[f"next_in_s{si + 1}"] = nxt
-        x = apply(lambda m, t: m.word_embed(t), nxt.reshape(b, -1, cfg.z_channels)) + lvl[si + 1]
-        x = jnp.concatenate([x, x], 0)
+        with jax.named_scope(f"stage_{si}"):  # stage names in the compiled program (bench/hlo_stats.py)
+            ratio = scfg.ratio(si, n)
+            h, caches = apply(HARTTransformer.stage, x, si, caches, cond, pos2, mask2)
+            trace[f"hidden_s{si}"] = h
+            if si == 0:
+                h = h[:, -1:]
+            idx, emb = pick(si, apply(HARTTransformer.logits, h, cond), ratio)
+            emb = emb.reshape(b, pn[si], pn[si], cfg.z_channels)
+            f_hat, nxt = quant(lambda q, *a: q.next_autoregressive_input(si, pn, *a), f_hat, emb)
+            trace[f"fhat_s{si}"] = f_hat
+            trace[f"next_in_s{si + 1}"] = nxt
+            x = apply(lambda m, t: m.word_embed(t), nxt.reshape(b, -1, cfg.z_channels)) + lvl[si + 1]
+            x = jnp.concatenate([x, x], 0)
 
     # ------------------------------------------------------------ last scale
     si = n - 1
     ratio = scfg.ratio(si, n)
-    h, _ = apply(HARTTransformer.stage, x, si, caches, cond, pos2, mask2)
-    trace[f"hidden_s{si}"] = h
-    idx, emb = pick(si, apply(HARTTransformer.logits, h, cond), ratio)
+    with jax.named_scope(f"stage_{si}"):
+        h, _ = apply(HARTTransformer.stage, x, si, caches, cond, pos2, mask2)
+        trace[f"hidden_s{si}"] = h
+        idx, emb = pick(si, apply(HARTTransformer.logits, h, cond), ratio)
     l = pn[-1] ** 2
     if scfg.diffusion:
         hard = jnp.take(codebook, idx, axis=0)
@@ -276,13 +278,15 @@ def sample_images(
 
             return lambda z: t2i.apply(t2i_vars, z, init, steps, method=fn)
 
-        if isinstance(t_last, (int, float)):
-            res = run_head(t_last != 1.0)(z)
-        else:
-            res = jax.lax.cond(t_last == 1.0, run_head(False), run_head(True), z)
+        with jax.named_scope("diffusion_head"):
+            if isinstance(t_last, (int, float)):
+                res = run_head(t_last != 1.0)(z)
+            else:
+                res = jax.lax.cond(t_last == 1.0, run_head(False), run_head(True), z)
         trace["diff_out"] = res
         emb = emb + res[: b * l].reshape(b, l, -1)
     f_hat = f_hat + emb.reshape(b, pn[-1], pn[-1], cfg.z_channels)
     trace["fhat_final"] = f_hat
-    img = (tok.apply(tok_vars, f_hat, method=HARTAutoEncoder.decode) + 1.0) * 0.5
+    with jax.named_scope("decoder"):
+        img = (tok.apply(tok_vars, f_hat, method=HARTAutoEncoder.decode) + 1.0) * 0.5
     return (img, trace) if return_trace else img

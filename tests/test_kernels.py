@@ -316,13 +316,13 @@ def test_sampler_lowers_for_cuda_reading_the_stacked_caches_in_place():
     """The whole sampling program (tiny preset, blocks in a fori_loop, attention_impl=pallas)
     lowers for CUDA with one cache-attention call per stage, and the stacked caches are never
     sliced: the kernel reads each block's rows itself."""
-    from bench.sample_bench import build, inputs
+    from hart_jax.random_init import preset_configs, random_pipeline, token_inputs
     from hart_jax.sampling import SamplingConfig
 
-    pipe = build("tiny", 24, jnp.float32, abstract=True, attention_impl="pallas")
+    pipe = random_pipeline(*preset_configs("tiny", attention_impl="pallas"), jnp.float32, abstract=True)
     cfg = pipe.t2i_cfg
     fn = pipe.program(2, SamplingConfig(scan_layers=True))
-    args = (pipe.t2i_vars, pipe.tok_vars, pipe.text_params, *inputs(pipe, 2), jnp.float32(4.5))
+    args = (pipe.t2i_vars, pipe.tok_vars, pipe.text_params, *token_inputs(pipe, 2), jnp.float32(4.5))
     text = _lower_cuda(fn, *args)
     assert text.count(TRITON_CALL) == len(cfg.patch_nums)
     stack_type = (

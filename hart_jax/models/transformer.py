@@ -573,8 +573,29 @@ class HARTTransformer(nn.Module):
             new.append(c)
         return x, new
 
+    def init_all(self) -> None:
+        """Touch every parameter once on one-token inputs (``init`` with this method
+        creates exactly the parameters of a full-sequence ``init``, with the same values:
+        Flax derives each parameter's key from its module path, not from the inputs)."""
+        cfg = self.cfg
+        if cfg.is_c2i:
+            cond, _ = self.condition(jnp.zeros((1,), jnp.int32))
+            mask_BT = None
+        else:
+            cond, _ = self.condition(jnp.zeros((1, 1, cfg.context_dim), jnp.float32))
+            mask_BT = jnp.ones((1, 1), bool)
+        x = self.word_embed(jnp.zeros((1, 1, cfg.z_channels), jnp.float32)) + self.level_embedding()[:1]
+        cos, sin = rope_1d(jnp.zeros((1, 1), jnp.int32), cfg.head_dim, cfg.rope_theta)
+        levels_BL = jnp.zeros((1, 1), jnp.int32)
+        x = x.astype(self.dtype)
+        for blk in self.blocks:
+            x = blk(x, cos, sin, levels_BL, cond, mask_BT)
+        self.logits(x, cond)
+        z = self.diffusion_condition(x, jnp.zeros((1, 1, cfg.z_channels), x.dtype))
+        self.diffloss.net(jnp.zeros((1, cfg.z_channels), jnp.float32), jnp.zeros((1,), jnp.int32), z.reshape(1, -1))
+
     def __call__(self, context, x_BLZ, context_position_ids=None, context_mask=None):
-        """Initialisation entry: teacher forcing + the diffusion head on dummy rows."""
+        """Full-sequence entry: teacher forcing + the diffusion head on dummy rows."""
         logits, h, cond = self.teacher_forced(context, x_BLZ, context_position_ids, context_mask)
         z = self.diffusion_condition(h, jnp.zeros(h.shape[:2] + (self.cfg.z_channels,), h.dtype))
         rows = z.reshape(-1, z.shape[-1])[:1]
@@ -596,7 +617,16 @@ def init_inputs(cfg: T2IConfig, batch: int = 1) -> tuple[jax.Array, ...]:
     return ctx, x, pos, mask
 
 
+def init_variables(cfg: T2IConfig, key: jax.Array) -> dict[str, Any]:
+    """Fresh variables of ``HARTTransformer(cfg)``: the values of ``model.init(key,
+    *init_inputs(cfg))`` without its full-length forward (``HARTTransformer.init_all``),
+    and independent of ``cfg.attention_impl`` (initialisation runs the ``xla`` path in
+    fp32, so an inference-only choice such as ``cudnn`` never constrains it). Jit it with
+    ``cfg`` static for device-side initialisation."""
+    model = HARTTransformer(dataclasses.replace(cfg, attention_impl="xla"))
+    return dict(model.init(key, method=HARTTransformer.init_all))
+
+
 def abstract_params(cfg: T2IConfig) -> dict[str, Any]:
     """Shapes of the ``"params"`` of ``HARTTransformer(cfg)`` via ``jax.eval_shape`` (nothing allocated)."""
-    model = HARTTransformer(cfg)
-    return dict(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *init_inputs(cfg)))["params"])
+    return dict(jax.eval_shape(lambda: init_variables(cfg, jax.random.PRNGKey(0)))["params"])

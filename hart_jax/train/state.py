@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hart_jax.models.transformer import HARTTransformer, T2IConfig, init_inputs
+from hart_jax.models.transformer import HARTTransformer, T2IConfig, init_variables
 from hart_jax.train.sharding import path_str, tree_shardings
 
 
@@ -126,7 +126,7 @@ def make_optimizer(ocfg: Mapping[str, Any], schedule: optax.Schedule) -> optax.G
 def init_params(model: HARTTransformer, key: jax.Array, *, release_style: bool = True, init_std: float = 0.02) -> Any:
     """Fresh fp32 params (the ``params`` collection)."""
     k_init, k_re = jax.random.split(key)
-    params = model.init(k_init, *init_inputs(model.cfg))["params"]
+    params = init_variables(model.cfg, k_init)["params"]
     return release_init(params, model.cfg, k_re, init_std) if release_style else params
 
 
