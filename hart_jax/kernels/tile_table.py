@@ -79,14 +79,18 @@ def cache_config(tiles: Mapping[str, int]) -> CacheAttentionConfig:
     return CacheAttentionConfig(**{key: int(tiles[key]) for key in TILE_KEYS})
 
 
-def default_tiles() -> dict[str, dict[str, int]]:
-    """Each kernel's tiles under the dataclass defaults (the dq kernel's resolved)."""
-    lc, cc = LevelAttentionConfig(), CacheAttentionConfig()
-    out = {name: {key: getattr(lc, field) for key, field in zip(TILE_KEYS, fields)}
+def level_tiles(cfg: LevelAttentionConfig) -> dict[str, dict[str, int]]:
+    """The training kernels' ``{block_q, block_k, num_warps, num_stages}`` in ``cfg`` (dq resolved)."""
+    out = {name: {key: getattr(cfg, field) for key, field in zip(TILE_KEYS, fields)}
            for name, fields in LEVEL_FIELDS.items() if name != "level_dq"}
-    out["level_dq"] = dict(zip(TILE_KEYS, lc.dq_tiles()))
-    out["cache"] = {key: getattr(cc, key) for key in TILE_KEYS}
+    out["level_dq"] = dict(zip(TILE_KEYS, cfg.dq_tiles()))
     return out
+
+
+def default_tiles() -> dict[str, dict[str, int]]:
+    """Each kernel's tiles under the config dataclasses' defaults."""
+    cache = CacheAttentionConfig()
+    return {**level_tiles(LevelAttentionConfig()), "cache": {key: getattr(cache, key) for key in TILE_KEYS}}
 
 
 def _row(d: Mapping[str, Any]) -> Row:
