@@ -65,7 +65,9 @@ class Row:
         return any(device_kind.startswith(k) for k in self.device_kinds)
 
 
-def level_config(tiles: Mapping[str, Mapping[str, int]], base: LevelAttentionConfig | None = None) -> LevelAttentionConfig:
+def level_config(
+    tiles: Mapping[str, Mapping[str, int]], base: LevelAttentionConfig | None = None
+) -> LevelAttentionConfig:
     """``base`` (default: the dataclass defaults) with the training kernels of ``tiles`` set
     (``{"level_fwd": {block_q, ...}, "level_dkv": ..., "level_dq": ...}``; absent ones kept)."""
     changes = {field: int(tiles[name][key])
