@@ -245,8 +245,9 @@ HART_1024_LEVELS = (300, (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64))
 
 def _target_gpu(target: str = "H100"):
     """Name the GPU to lower for: JAX >= 0.11 takes the Triton target from the (abstract)
-    device and refuses without one; 0.10.2 falls back to compute capability 9.0, the H100's,
-    whatever the device. ``hart_jax.attention`` reads the tile table's row for this device."""
+    device (0.12: compute capability 8.0 for the A100, 9.0 for the H100) and refuses without
+    one; 0.10.2 falls back to 9.0, the H100's, whatever the device. ``hart_jax.attention``
+    reads the tile table's row for this device."""
     kind, cores = TARGETS[target]
     dev = jax.sharding.AbstractDevice(device_kind=kind, num_cores=cores, platform="gpu")
     return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=dev))
