@@ -126,6 +126,16 @@ def test_level_attention_fixture_layout(golden_dir, dtype):
     check_level_attention(lev_BL, lev_BL, B, L, L, H, D, dtype, None, seed=1)
 
 
+def test_level_attention_dq_tiles_of_its_own():
+    """The dq kernel with tiles other than the dk/dv kernel's (and a forward block the largest
+    of all, so the padding follows it): same output and gradients as the reference."""
+    lev = hart_levels(300, (1, 2, 3, 4))
+    split = LevelAttentionConfig(block_q=64, block_k=16, block_q_bwd=16, block_k_bwd=32,
+                                 block_q_dq=32, block_k_dq=16, num_warps_dq=8, num_stages_dq=3)
+    assert split.dq_tiles() == (32, 16, 8, 3) and SMALL.dq_tiles() == (16, 32, 4, 2)
+    check_level_attention(lev, lev, 1, 329, 329, 2, 16, jnp.float32, split, seed=6)
+
+
 def test_level_attention_unsorted_levels_and_blind_queries():
     """Arbitrary per-batch level ids, Lq != Lk, a head dim that is padded (24 -> 32), and
     queries whose level is below every key's (they see nothing: zero output, zero grads)."""
