@@ -18,10 +18,19 @@ table for ``docs/benchmarks.md``. ``--write-table PATH`` merges the times into t
 dispatch table ``attention_impl="auto"`` reads (``hart_jax/kernels/dispatch_table.json``:
 the group of this device kind and dtype is replaced; ``-`` prints the group instead).
 
+The Pallas kernels run with the tile table's row for this GPU
+(``hart_jax/kernels/tile_table.json``) unless tile flags are given. ``--sweep`` times each
+Pallas kernel over a grid of block sizes (64-256), warps (4, 8) and pipeline stages (2-5):
+the forward, then the dk/dv and the dq backward kernels (forward+backward timed, the other
+kernels held at the best so far), then the cache kernel (summed over ``--stages``); invalid
+points are skipped, and ``--sweep-budget-s`` bounds the time. ``--write-tiles PATH`` writes
+each kernel's winner into that tile table's row for this device kind (``-``: print them).
+
 Usage (GPU):   python -m bench.attention_bench --out bench_results.json
-Tile sweep:    python -m bench.attention_bench --sweep --stages 0,8,13 --out sweep.json
+Tile sweep:    python -m bench.attention_bench --impls pallas --sweep --stages 0,8,13 --sweep-budget-s 900 \
+                   --write-tiles hart_jax/kernels/tile_table.json
 Auto's table: python -m bench.attention_bench --write-table hart_jax/kernels/dispatch_table.json
-Smoke (CPU):   python -m bench.attention_bench --smoke   (tiny shapes, Pallas interpreted)
+Smoke (CPU):   python -m bench.attention_bench --smoke   (tiny shapes, Pallas interpreted; --sweep: 2 points a kernel)
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hart_jax import attention as attn  # noqa: E402
-from hart_jax.kernels import dispatch_table  # noqa: E402
+from hart_jax.kernels import dispatch_table, tile_table  # noqa: E402
 from hart_jax.kernels.cache_attention import CacheAttentionConfig, padded_cache_length  # noqa: E402
 from hart_jax.kernels.level_attention import LevelAttentionConfig  # noqa: E402
 from hart_jax.models.transformer import T2IConfig  # noqa: E402
@@ -88,19 +97,29 @@ def _run(name: str, fn: Callable, args: Sequence[Any], flops: float, peak: float
     return {"impl": name, "ms": t * 1e3, "tflops": tflops, "fraction_of_peak": tflops / peak}
 
 
-def level_config(args: argparse.Namespace) -> LevelAttentionConfig:
-    """The training kernel's tiles and launch parameters from the flags."""
-    return LevelAttentionConfig(
-        block_q=args.block_q, block_k=args.block_k, block_q_bwd=args.block_q_bwd,
-        block_k_bwd=args.block_k_bwd, num_warps=args.num_warps, num_stages=args.num_stages,
-        num_warps_bwd=args.num_warps, num_stages_bwd=args.num_stages,
-    )
+LEVEL_TILE_FLAGS = {  # flag (argparse dest) -> the LevelAttentionConfig fields it sets
+    "block_q": ("block_q",), "block_k": ("block_k",),
+    "block_q_bwd": ("block_q_bwd", "block_q_dq"), "block_k_bwd": ("block_k_bwd", "block_k_dq"),
+    "num_warps": ("num_warps", "num_warps_bwd", "num_warps_dq"),
+    "num_stages": ("num_stages", "num_stages_bwd", "num_stages_dq"),
+}
+CACHE_TILE_FLAGS = {"cache_block_q": "block_q", "cache_block_k": "block_k",
+                    "num_warps": "num_warps", "num_stages": "num_stages"}
 
 
-def cache_config(args: argparse.Namespace) -> CacheAttentionConfig:
-    """The sampling kernel's tiles and launch parameters from the flags."""
-    return CacheAttentionConfig(block_q=args.cache_block_q, block_k=args.cache_block_k,
-                                num_warps=args.num_warps, num_stages=args.num_stages)
+def level_config(args: argparse.Namespace, interpret: bool) -> LevelAttentionConfig:
+    """The training kernel's tiles: the tile table's for this device, with the flags given."""
+    base = attn.pallas_config("level_attention", interpret)
+    given = {f: getattr(args, flag) for flag, fields in LEVEL_TILE_FLAGS.items()
+             if getattr(args, flag) is not None for f in fields}
+    return dataclasses.replace(base, **given)
+
+
+def cache_config(args: argparse.Namespace, interpret: bool) -> CacheAttentionConfig:
+    """The sampling kernel's tiles: the tile table's for this device, with the flags given."""
+    base = attn.pallas_config("cache_attention", interpret)
+    given = {f: getattr(args, flag) for flag, f in CACHE_TILE_FLAGS.items() if getattr(args, flag) is not None}
+    return dataclasses.replace(base, **given)
 
 
 def bench_training(
@@ -122,7 +141,7 @@ def bench_training(
     fwd_flops = 4.0 * D * pairs * B * H
     scale = 0.25 / np.sqrt(D)
     lev_j = jnp.asarray(lev)
-    cfg = cfg or level_config(args)
+    cfg = cfg or level_config(args, interpret)
     rows = []
     for impl in impls:
         def f(q, k, v, impl=impl):
@@ -164,7 +183,7 @@ def bench_sampling(
     v_cache = jax.random.normal(kv, cache_shape, dtype)
     layer = jnp.int32(shape.depth // 2) if stacked else None  # traced, as in the sampler's loop
     scale = 0.25 / np.sqrt(D)
-    cfg = cfg or cache_config(args)
+    cfg = cfg or cache_config(args, interpret)
     rows = []
     for s, n, end in stages:
         q = jax.random.normal(jax.random.PRNGKey(100 + s), (B, n, H, D), dtype)
@@ -180,45 +199,80 @@ def bench_sampling(
     return rows
 
 
-def sweep_grids(smoke: bool) -> dict[str, list[dict]]:
-    """Grid points of the Pallas tile sweep (two per grid under ``--smoke``)."""
-    grids = {
-        "fwd": [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
-                for bq in (64, 128) for bk in (32, 64, 128) for w in (4, 8) for st in (2, 3)],
-        "fwd+bwd": [dict(block_q_bwd=bq, block_k_bwd=bk, num_warps_bwd=w, num_stages_bwd=st)
-                    for bq in (32, 64) for bk in (64, 128) for w in (4, 8) for st in (2, 3)],
-        "cache": [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=2)
-                  for bq in (32, 64, 128) for bk in (64, 128) for w in (4, 8)],
-    }
-    return {k: v[:2] for k, v in grids.items()} if smoke else grids
+SWEEP_BLOCKS, SWEEP_WARPS, SWEEP_STAGES = (64, 128, 256), (4, 8), (2, 3, 4, 5)
+# under --smoke: two points a kernel (CPU, interpreted; the times mean nothing)
+SMOKE_POINTS = ({"block_q": 64, "block_k": 64, "num_warps": 4, "num_stages": 2},
+                {"block_q": 128, "block_k": 64, "num_warps": 8, "num_stages": 3})
 
 
-def sweep(shape: T2IConfig, args: argparse.Namespace, peak: float, interpret: bool) -> dict:
-    """Time the Pallas kernels over ``sweep_grids``; rows fastest first, failures last.
+def sweep_grid(smoke: bool) -> list[dict[str, int]]:
+    """Grid points ``{block_q, block_k, num_warps, num_stages}`` tried for every kernel."""
+    if smoke:
+        return [dict(p) for p in SMOKE_POINTS]
+    return [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
+            for bq in SWEEP_BLOCKS for bk in SWEEP_BLOCKS for w in SWEEP_WARPS for st in SWEEP_STAGES]
 
-    The backward grid runs with the best forward tiles; the cache grid is timed as
-    the sum over the sampling stages (``--stages`` selects them).
+
+def valid_point(kernel: str, point: dict[str, int]) -> bool:
+    """Whether the kernel's config takes ``point`` (powers of two; the cache's ``block_k``
+    divides ``CACHE_ALIGN``)."""
+    try:
+        if kernel == "cache":
+            tile_table.cache_config(point)
+        else:
+            tile_table.level_config({kernel: point})
+    except ValueError:
+        return False
+    return True
+
+
+def sweep_points(kernel: str, smoke: bool, baseline: dict[str, int]) -> tuple[list[dict[str, int]], int]:
+    """The points swept for ``kernel``, ``baseline`` (the tiles in use) first, and the number
+    of grid points skipped as invalid."""
+    grid = sweep_grid(smoke)
+    points = [dict(baseline)] + [p for p in grid if p != baseline]
+    valid = [p for p in points if valid_point(kernel, p)]
+    return valid, len(points) - len(valid)
+
+
+def sweep(shape: T2IConfig, args: argparse.Namespace, peak: float, interpret: bool) -> tuple[dict, dict]:
+    """Time the Pallas kernels over ``sweep_points``; per kernel, rows fastest first (failures
+    last), and what was skipped.
+
+    In turn: the forward kernel (forward pass timed); the dk/dv kernel, then the dq kernel
+    (forward+backward timed, the kernels before held at their winners); the cache kernel (the
+    sum over the sampling stages, ``--stages``). The first point of each (the tiles in use)
+    always runs; the others while the kernel's share of ``--sweep-budget-s`` lasts (the
+    budget left, split over the kernels left).
     """
-    grids = sweep_grids(args.smoke)
     fastest = lambda rows: sorted(rows, key=lambda r: r.get("ms", float("inf")))  # noqa: E731
-    base = level_config(args)
-    fwd = []
-    for point in grids["fwd"]:
-        cfg = dataclasses.replace(base, **point)
-        fwd += [{**point, **r} for r in bench_training(shape, ["pallas"], args, peak, interpret, cfg, ("fwd",))]
-    fwd = fastest(fwd)
-    if "ms" in fwd[0]:
-        base = dataclasses.replace(base, **{k: fwd[0][k] for k in grids["fwd"][0]})
-    bwd = []
-    for point in grids["fwd+bwd"]:
-        cfg = dataclasses.replace(base, **point)
-        bwd += [{**point, **r} for r in bench_training(shape, ["pallas"], args, peak, interpret, cfg, ("fwd+bwd",))]
-    cache = []
-    for point in grids["cache"]:
-        rows = bench_sampling(shape, ["pallas"], args, peak, interpret, CacheAttentionConfig(**point))
-        errors = [r["error"] for r in rows if "error" in r]
-        cache.append({**point, "error": errors[0]} if errors else {**point, "ms": sum(r["ms"] for r in rows)})
-    return {"fwd": fwd, "fwd+bwd": fastest(bwd), "cache": fastest(cache)}
+    level = level_config(args, interpret)
+    level = tile_table.level_config(tile_table.level_tiles(level), level)  # dq's own tiles, not the dk/dv ones
+    t_start, budget = time.perf_counter(), args.sweep_budget_s
+    out: dict[str, list] = {}
+    skipped: dict[str, dict[str, int]] = {}
+    for i, kernel in enumerate(tile_table.KERNELS):
+        baseline = ({k: getattr(cache_config(args, interpret), k) for k in tile_table.TILE_KEYS}
+                    if kernel == "cache" else tile_table.level_tiles(level)[kernel])
+        points, invalid = sweep_points(kernel, args.smoke, baseline)
+        share = (budget - (time.perf_counter() - t_start)) / (len(tile_table.KERNELS) - i)
+        t_kernel, rows = time.perf_counter(), []
+        for j, point in enumerate(points):
+            if j and time.perf_counter() - t_kernel > share:
+                break
+            if kernel == "cache":
+                timed = bench_sampling(shape, ["pallas"], args, peak, interpret, tile_table.cache_config(point))
+                errors = [r["error"] for r in timed if "error" in r]
+                rows.append({**point, "error": errors[0]} if errors else {**point, "ms": sum(r["ms"] for r in timed)})
+            else:
+                cfg = tile_table.level_config({kernel: point}, level)
+                passes = ("fwd",) if kernel == "level_fwd" else ("fwd+bwd",)
+                rows += [{**point, **r} for r in bench_training(shape, ["pallas"], args, peak, interpret, cfg, passes)]
+        out[kernel] = fastest(rows)
+        skipped[kernel] = {"invalid": invalid, "budget": len(points) - len(rows)}
+        if kernel != "cache" and "ms" in out[kernel][0]:
+            level = tile_table.level_config({kernel: out[kernel][0]}, level)
+    return out, skipped
 
 
 def markdown(result: dict) -> str:
@@ -246,7 +300,8 @@ def markdown(result: dict) -> str:
     totals = result["sampling_total_ms"]
     lines += ["", f"sampling ({result.get('cache_layout', 'single')} caches), all stages: " + ", ".join(f"{k} {v:.3f} ms" for k, v in totals.items())]
     for name, rows in result.get("sweep", {}).items():
-        lines += ["", f"pallas sweep, {name} (fastest first):"]
+        skipped = result.get("sweep_skipped", {}).get(name, {})
+        lines += ["", f"pallas sweep, {name} (fastest first; skipped: {skipped}):"]
         for r in rows[:5] + [r for r in rows[5:] if "error" in r][:3]:
             params = ", ".join(f"{k}={v}" for k, v in r.items() if k.startswith(("block", "num")))
             lines.append(f"- {params}: " + (f"{r['ms']:.3f} ms" if "ms" in r else r["error"]))
@@ -263,25 +318,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--matmul-n", type=int, default=8192)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--block-q", type=int, default=LevelAttentionConfig.block_q)
-    p.add_argument("--block-k", type=int, default=LevelAttentionConfig.block_k)
-    p.add_argument("--block-q-bwd", type=int, default=LevelAttentionConfig.block_q_bwd)
-    p.add_argument("--block-k-bwd", type=int, default=LevelAttentionConfig.block_k_bwd)
-    p.add_argument("--cache-block-q", type=int, default=CacheAttentionConfig.block_q)
-    p.add_argument("--cache-block-k", type=int, default=CacheAttentionConfig.block_k)
-    p.add_argument("--num-warps", type=int, default=LevelAttentionConfig.num_warps)
-    p.add_argument("--num-stages", type=int, default=LevelAttentionConfig.num_stages)
+    tiles = "default: the tile table's row for this device (hart_jax/kernels/tile_table.json)"
+    for flag in ("--block-q", "--block-k", "--block-q-bwd", "--block-k-bwd", "--cache-block-q",
+                 "--cache-block-k", "--num-warps", "--num-stages"):
+        p.add_argument(flag, type=int, default=None, help=tiles)
     p.add_argument("--cache-layout", default="stacked", choices=["stacked", "single"],
                    help="sampling caches: every block's stacked (the sampler's layout) or one block's")
     p.add_argument("--stages", default="", help="comma-separated sampling stages to run (default: all)")
     p.add_argument("--no-sampling", dest="sampling", action="store_false", help="skip the sampling stages")
     p.add_argument("--sweep", action="store_true",
-                   help="also time the Pallas kernels over a grid of tiles / warps / stages")
+                   help="also time each Pallas kernel over a grid of tiles / warps / stages")
+    p.add_argument("--sweep-budget-s", type=float, default=1800.0,
+                   help="time budget of --sweep (seconds; the first point of each kernel always runs)")
+    p.add_argument("--write-tiles", default=None, metavar="PATH",
+                   help="with --sweep: write each kernel's winner into this tile table for this device kind "
+                        "(hart_jax/kernels/tile_table.json is the one hart_jax.attention reads); '-' prints them")
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     p.add_argument("--write-table", default=None, metavar="PATH",
                    help="merge the times into this dispatch table (hart_jax/kernels/dispatch_table.json "
                         "is the one attention_impl=auto reads); '-' prints the table group instead")
     args = p.parse_args(argv)
+    if args.write_tiles and not args.sweep:
+        p.error("--write-tiles needs --sweep")
     if args.smoke:
         args.batch, args.sample_batch, args.matmul_n = 1, 2, 128
         args.warmup, args.iters = 1, 1
@@ -316,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "sampling": bench_sampling(shape, impls, args, peak["tflops"], interpret) if args.sampling else [],
     }
     if args.sweep:
-        result["sweep"] = sweep(shape, args, peak["tflops"], interpret)
+        result["sweep"], result["sweep_skipped"] = sweep(shape, args, peak["tflops"], interpret)
     totals: dict[str, float] = {}
     for impl in impls:
         rows = [r for r in result["sampling"] if r["impl"] == impl]
@@ -332,6 +390,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     elif args.write_table:
         dispatch_table.write_table(Path(args.write_table), result)
         print(f"dispatch table: {args.write_table} ({result['device']}, {args.dtype})")
+    if args.write_tiles == "-":
+        print(json.dumps(tile_table.winners(result["sweep"]), indent=1))
+    elif args.write_tiles:
+        tile_table.write_tiles(Path(args.write_tiles), result)
+        print(f"tile table: {args.write_tiles} ({result['device']})")
     return result
 
 

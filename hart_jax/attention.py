@@ -18,6 +18,10 @@
 Two entry points: ``attention`` (training / teacher forcing, level mask) and
 ``cache_attention`` (sampling, queries of one scale against the KV cache).
 
+The Pallas kernels' tiles, unless the caller passes a config, come from the tile table's row
+for the target GPU (``pallas_config``, ``hart_jax.kernels.tile_table``; logged once); other
+devices and the interpreter get the config dataclasses' defaults.
+
 Under a multi-device context mesh the Pallas kernels run inside ``shard_map``, each
 device on its own rows (and heads): see ``kernel_mesh_axes``.
 
@@ -37,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from hart_jax.kernels import dispatch_table
+from hart_jax.kernels import dispatch_table, tile_table
 from hart_jax.kernels import reference as _ref
 from hart_jax.kernels.cache_attention import CacheAttentionConfig, check_cache_inputs
 from hart_jax.kernels.cache_attention import cache_attention as pallas_cache_attention
@@ -174,6 +178,36 @@ def describe_impl(
     return f"auto: {'; '.join(parts)}; {source}, {dname}, head dim {head_dim}"
 
 
+def target_device() -> tuple[str, str]:
+    """``(platform, device kind)`` the kernels are traced for: the abstract device of the
+    context mesh where it names one (lowering for a GPU from any machine), else
+    ``current_device()``."""
+    dev = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if dev is not None and getattr(dev, "device_kind", None):
+        return str(dev.platform), str(dev.device_kind)
+    return current_device()
+
+
+def pallas_config(op: str, interpret: bool) -> LevelAttentionConfig | CacheAttentionConfig:
+    """The config of the Pallas kernel ``op`` (``"level_attention"`` or ``"cache_attention"``)
+    when the caller names none: the tile table's row for ``target_device()``; the dataclass
+    defaults under ``interpret``, off a GPU, or for a device kind no row covers. Runs at
+    trace time; each distinct choice is logged once."""
+    platform, kind = target_device()
+    level, cache, row = tile_table.configs_for(kind, "cpu" if interpret else platform)
+    cfg = level if op == "level_attention" else cache
+    if row is None:
+        _log_once(("tiles", op, platform, kind, bool(interpret)),
+                  "pallas %s tiles: defaults (%s, %s%s)", op, kind, platform,
+                  ", interpreted" if interpret else ", no tile table row")
+    else:
+        names = ("level_fwd", "level_dkv", "level_dq") if op == "level_attention" else ("cache",)
+        _log_once(("tiles", op, platform, kind, row.device_class),
+                  "pallas %s tiles for %s (tile table row %s): %s", op, kind, row.device_class,
+                  "; ".join(f"{n} {row.kernel(n)} ({dict(row.measured)[n]})" for n in names))
+    return cfg
+
+
 def _kernel_precision(precision: lax.PrecisionLike) -> lax.Precision:
     """Matmul precision for the Pallas kernels, following the XLA precision rules.
 
@@ -190,13 +224,17 @@ def _kernel_precision(precision: lax.PrecisionLike) -> lax.Precision:
     return lax.Precision.DEFAULT
 
 
-def _pallas_kwargs(scale: float, config: Any, precision: lax.PrecisionLike, interpret: bool | None) -> dict:
-    """Keyword arguments of the Pallas kernels (precision and interpret defaults resolved)."""
+def _pallas_kwargs(
+    op: str, scale: float, config: Any, precision: lax.PrecisionLike, interpret: bool | None
+) -> dict:
+    """Keyword arguments of the Pallas kernel ``op`` (precision, interpret and config defaults
+    resolved; no config: ``pallas_config``)."""
+    interpret = pallas_interpret() if interpret is None else bool(interpret)
     return dict(
         scale=scale,
-        config=config,
+        config=pallas_config(op, interpret) if config is None else config,
         precision=_kernel_precision(precision),
-        interpret=pallas_interpret() if interpret is None else interpret,
+        interpret=interpret,
     )
 
 
@@ -300,8 +338,8 @@ def attention(
     """HART's training attention: key visible iff ``level(k) <= level(q)``.
 
     ``q_levels``/``k_levels``: int ``[L]`` or ``[B, L]``. ``impl``: see the module
-    docstring. ``interpret`` (Pallas only) defaults to ``pallas_interpret()``.
-    Returns ``[B, Q, A, D]`` in the input dtype.
+    docstring. ``interpret`` (Pallas only) defaults to ``pallas_interpret()``; ``config``
+    (Pallas only) to ``pallas_config``. Returns ``[B, Q, A, D]`` in the input dtype.
     """
     check_qkv(q_BQAD, k_BKAD, v_BKAD)
     B, Q, A, D = q_BQAD.shape
@@ -323,7 +361,7 @@ def attention(
         return jax.nn.dot_product_attention(
             q_BQAD, k_BKAD, v_BKAD, mask=mask[:, None], scale=scale, implementation="cudnn"
         )
-    kw = _pallas_kwargs(scale, config, precision, interpret)
+    kw = _pallas_kwargs("level_attention", scale, config, precision, interpret)
     return _split_over_mesh(
         lambda q, k, v, ql, kl: pallas_level_attention(q, k, v, ql, kl, **kw),
         (q_BQAD, k_BKAD, v_BKAD, q_lev, k_lev), ("BLHD", "BLHD", "BLHD", "BL", "BL"), B, A,
@@ -373,7 +411,7 @@ def cache_attention(
     else:
         chosen = resolve_impl(impl)
     if chosen == "pallas":
-        kw = _pallas_kwargs(scale, config, precision, interpret)
+        kw = _pallas_kwargs("cache_attention", scale, config, precision, interpret)
         n_B = _ref.valid_len_1d(valid_len, B)
         cache_layout = "BLHD" if layer is None else "NBLHD"
         args = (q_BQAD, k_cache, v_cache, n_B)

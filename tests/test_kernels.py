@@ -2,7 +2,8 @@
 
 Lowering for the GPU without one: on JAX 0.10.2 with a CPU-only jaxlib,
 ``jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))`` (inside an abstract mesh
-naming an H100, which JAX >= 0.11 needs to pick the Triton target) runs the Pallas
+naming an A100 or an H100, which JAX >= 0.11 needs to pick the Triton target, and from which
+``hart_jax.attention`` takes the tile table's row) runs the Pallas
 -> Triton lowering (the kernel's Triton IR is serialised into the
 ``__gpu$xla.gpu.triton`` custom call), so Pallas lowering errors (non power-of-two
 shapes, unsupported ops) fail here in CI. What it cannot catch is a failure
@@ -26,13 +27,16 @@ import pytest
 from conftest import pallas_interpret_mode
 from hart_jax import attention as attn
 from hart_jax.kernels.cache_attention import CacheAttentionConfig, cache_attention, padded_cache_length
+from hart_jax.kernels import tile_table
 from hart_jax.kernels.level_attention import (
     LevelAttentionConfig,
     PAD_K_LEVEL,
     PAD_Q_LEVEL,
+    fit_block,
     kv_upper_bounds,
     level_attention,
     q_lower_bounds,
+    round_up,
 )
 from hart_jax.kernels.reference import cache_attention_reference, level_attention_reference, level_mask
 from hart_jax.models.transformer import T2IConfig
@@ -120,6 +124,16 @@ def test_level_attention_fixture_layout(golden_dir, dtype):
     B, L = lev_BL.shape
     assert L == recorded_len  # the teacher-forced sequence the reference ran
     check_level_attention(lev_BL, lev_BL, B, L, L, H, D, dtype, None, seed=1)
+
+
+def test_level_attention_dq_tiles_of_its_own():
+    """The dq kernel with tiles other than the dk/dv kernel's (and a forward block the largest
+    of all, so the padding follows it): same output and gradients as the reference."""
+    lev = hart_levels(300, (1, 2, 3, 4))
+    split = LevelAttentionConfig(block_q=64, block_k=16, block_q_bwd=16, block_k_bwd=32,
+                                 block_q_dq=32, block_k_dq=16, num_warps_dq=8, num_stages_dq=3)
+    assert split.dq_tiles() == (32, 16, 8, 3) and SMALL.dq_tiles() == (16, 32, 4, 2)
+    check_level_attention(lev, lev, 1, 329, 329, 2, 16, jnp.float32, split, seed=6)
 
 
 def test_level_attention_unsorted_levels_and_blind_queries():
@@ -231,36 +245,88 @@ def test_padded_cache_length():
 # ----------------------------------------------------------------------------- CUDA lowering
 
 
-def _target_gpu():
+# Abstract GPUs to lower for: device kind (as jax.Device.device_kind spells it) and SM count.
+TARGETS = {
+    "A100": ("NVIDIA A100-SXM4-80GB", 108),
+    "H100": ("NVIDIA H100 80GB HBM3", 132),
+}
+HART_1024_LEVELS = (300, (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64))
+
+
+def _target_gpu(target: str = "H100"):
     """Name the GPU to lower for: JAX >= 0.11 takes the Triton target from the (abstract)
-    device and refuses without one; 0.10.2 falls back to compute capability 9.0, the H100's."""
-    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    device (0.12: compute capability 8.0 for the A100, 9.0 for the H100) and refuses without
+    one; 0.10.2 falls back to 9.0, the H100's, whatever the device. ``hart_jax.attention``
+    reads the tile table's row for this device."""
+    kind, cores = TARGETS[target]
+    dev = jax.sharding.AbstractDevice(device_kind=kind, num_cores=cores, platform="gpu")
     return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=dev))
 
 
-def _lower_cuda(f, *args) -> str:
+def _lower_cuda(f, *args, target: str = "H100") -> str:
     fn = f if hasattr(f, "trace") else jax.jit(f)
-    with _target_gpu():
+    with _target_gpu(target):
         return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
+def triton_launches(text: str) -> list[dict]:
+    """Each Triton call of lowered text: kernel name, launch parameters and grid (the call's
+    backend config) and the tiles the kernel recorded in its metadata."""
+    out = []
+    for line in text.splitlines():
+        if TRITON_CALL not in line:
+            continue
+        line = re.sub(r'ir = "[^"]*"', "", line)  # the serialised Triton IR
+        ints = {k: int(re.search(rf"\b{k} = (\d+) : i32", line)[1]) for k in ("num_warps", "num_stages", "grid_x")}
+        meta = json.loads(re.search(r'serialized_metadata = "([^"]*)"', line)[1].replace("\\22", '"'))
+        out.append({"name": re.search(r'name = "([^"]*)"', line)[1], **ints,
+                    "tiles": {k: int(v) for k, v in meta.items()}})
+    return out
+
+
+def expected_launch(name: str, tiles: dict, queries: int, keys: int, padded_queries: int) -> dict:
+    """A kernel's launch for ``tiles`` (the table's) at a shape: blocks shrunk for short
+    sequences as the kernels do, one program per block of ``padded_queries`` (or keys, dk/dv)."""
+    fitted = {**tiles, "block_q": fit_block(tiles["block_q"], queries), "block_k": fit_block(tiles["block_k"], keys)}
+    per = fitted["block_k"] if name.endswith("dkv") else fitted["block_q"]
+    return {"name": name, "num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"],
+            "grid_x": padded_queries // per, "tiles": fitted}
+
+
+def table_tiles(target: str) -> dict[str, dict[str, int]]:
+    """Every kernel's tiles in the shipped tile table's row for ``target`` (which must have one)."""
+    level, cache, row = tile_table.configs_for(TARGETS[target][0], "gpu")
+    assert row is not None, f"the tile table has no row for {TARGETS[target][0]}"
+    c = {k: getattr(cache, k) for k in tile_table.TILE_KEYS}
+    return {**tile_table.level_tiles(level), "cache": c}
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_level_attention_lowers_for_cuda(dtype):
+def test_level_attention_lowers_for_cuda(dtype, target):
     """Forward (1 kernel) and gradient (forward + dk/dv + dq kernels) at the 0.7B model's
-    training shape: 24 heads x 64, L = 9750 with HART's 14-level layout."""
-    lev = hart_levels(300, (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64))
-    assert len(lev) == 9750
-    x = jax.ShapeDtypeStruct((1, 9750, 24, 64), dtype)
-    scale = 0.25 / 8
+    training shape: 24 heads x 64, L = 9750 with HART's 14-level layout, through the
+    dispatcher with no config: each kernel launches with the tile table's row for the target."""
+    lev = hart_levels(*HART_1024_LEVELS)
+    L = len(lev)
+    assert L == 9750
+    x = jax.ShapeDtypeStruct((1, L, 24, 64), dtype)
 
     def f(q, k, v):
-        return level_attention(q, k, v, lev, lev, scale=scale)
+        return attn.attention(q, k, v, q_levels=lev, k_levels=lev, scale=0.25 / 8, impl="pallas", interpret=False)
 
     def g(q, k, v):
         return jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
 
-    assert _lower_cuda(f, x, x, x).count(TRITON_CALL) == 1
-    assert _lower_cuda(g, x, x, x).count(TRITON_CALL) == 3
+    tiles = table_tiles(target)
+    blocks = lambda key: [fit_block(tiles[n][key], L) for n in ("level_fwd", "level_dkv", "level_dq")]  # noqa: E731
+    Pq, Pk = round_up(L, max(blocks("block_q"))), round_up(L, max(blocks("block_k")))
+    want = {n: expected_launch(f"hart_level_attention_{n[6:]}", tiles[n], L, L, Pk if n == "level_dkv" else Pq)
+            for n in ("level_fwd", "level_dkv", "level_dq")}
+    assert triton_launches(_lower_cuda(f, x, x, x, target=target)) == [want["level_fwd"]]
+    assert triton_launches(_lower_cuda(g, x, x, x, target=target)) == [
+        want["level_fwd"], want["level_dkv"], want["level_dq"]
+    ]
 
 
 def test_small_shapes_lower_for_cuda():
@@ -275,33 +341,43 @@ def test_small_shapes_lower_for_cuda():
         assert _lower_cuda(g, x, x, x, lev).count(TRITON_CALL) == 3
 
 
+@pytest.mark.parametrize("target", sorted(TARGETS))
 @pytest.mark.parametrize("Lq", [4, 4096])
-def test_cache_attention_lowers_for_cuda(Lq):
+def test_cache_attention_lowers_for_cuda(Lq, target):
     """Sampling stages of the 1024 px model: 2x2 scale and the last 64x64 scale, CFG batch,
-    against a 9856-entry cache with per-row valid lengths."""
+    against a 9856-entry cache with per-row valid lengths, through the dispatcher with no
+    config: the kernel launches with the tile table's row for the target."""
+    Lm = padded_cache_length(9750)
     q = jax.ShapeDtypeStruct((4, Lq, 24, 64), jnp.bfloat16)
-    cache = jax.ShapeDtypeStruct((4, padded_cache_length(9750), 24, 64), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((4, Lm, 24, 64), jnp.bfloat16)
     n = jax.ShapeDtypeStruct((4,), jnp.int32)
-    f = lambda q, kc, vc, n: cache_attention(q, kc, vc, n, scale=0.25 / 8)  # noqa: E731
-    text = _lower_cuda(f, q, cache, cache, n)
-    assert text.count(TRITON_CALL) == 1
+    f = lambda q, kc, vc, n: attn.cache_attention(  # noqa: E731
+        q, kc, vc, valid_len=n, scale=0.25 / 8, impl="pallas", interpret=False)
+    text = _lower_cuda(f, q, cache, cache, n, target=target)
+    tiles = table_tiles(target)["cache"]
+    Pq = round_up(Lq, fit_block(tiles["block_q"], Lq))
+    assert triton_launches(text) == [expected_launch("hart_cache_attention", tiles, Lq, Lm, Pq)]
     # the cache is passed to the kernel as is: no padded copy of it
     pads = [line for line in text.splitlines() if "stablehlo.pad" in line]
     assert not any("9856" in line for line in pads), pads
 
 
-def test_stacked_cache_attention_lowers_for_cuda_without_copying_the_cache():
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_stacked_cache_attention_lowers_for_cuda_without_copying_the_cache(target):
     """The last stage of the 1024 px model, 4 prompts x CFG, reading block 12 of the 24 blocks'
-    stacked caches (11.6 GB of bf16 K and V, so the kernel needs 64-bit offsets): one Triton call
-    takes the stacks themselves, with no dynamic_slice, pad or copy of them."""
+    stacked caches (11.6 GB of bf16 K and V, so the kernel needs 64-bit offsets): one Triton call,
+    with the tile table's tiles for the target, takes the stacks themselves, with no
+    dynamic_slice, pad or copy of them."""
+    Lm = padded_cache_length(9750)
     q = jax.ShapeDtypeStruct((8, 4096, 24, 64), jnp.bfloat16)
-    stack = jax.ShapeDtypeStruct((24, 8, padded_cache_length(9750), 24, 64), jnp.bfloat16)
+    stack = jax.ShapeDtypeStruct((24, 8, Lm, 24, 64), jnp.bfloat16)
     n = jax.ShapeDtypeStruct((8,), jnp.int32)
     layer = jax.ShapeDtypeStruct((), jnp.int32)
-    layer = jax.ShapeDtypeStruct((), jnp.int32)
-    f = lambda q, kc, vc, n, layer: cache_attention(q, kc, vc, n, scale=0.25 / 8, layer=layer)  # noqa: E731
-    text = _lower_cuda(f, q, stack, stack, n, layer)
-    assert text.count(TRITON_CALL) == 1
+    f = lambda q, kc, vc, n, layer: attn.cache_attention(  # noqa: E731
+        q, kc, vc, valid_len=n, scale=0.25 / 8, layer=layer, impl="pallas", interpret=False)
+    text = _lower_cuda(f, q, stack, stack, n, layer, target=target)
+    tiles = table_tiles(target)["cache"]
+    assert triton_launches(text) == [expected_launch("hart_cache_attention", tiles, 4096, Lm, 4096)]
     stack_type = "tensor<24x8x9856x24x64xbf16>"
     ops_on_stack = [
         line for line in text.splitlines()
@@ -513,11 +589,12 @@ def test_sharded_kernels_lower_for_cuda_on_each_devices_rows_and_heads(axis_type
 
 
 def test_attention_bench_smoke(tmp_path):
-    """The benchmark's smoke mode runs in-process on CPU and writes its JSON."""
+    """The benchmark's smoke mode runs in-process on CPU and writes its JSON (the tile sweep's
+    smoke run is in tests/test_tile_table.py)."""
     from bench import attention_bench
 
     out = tmp_path / "bench.json"
-    result = attention_bench.main(["--smoke", "--stages", "4", "--sweep", "--out", str(out)])
+    result = attention_bench.main(["--smoke", "--stages", "4", "--out", str(out)])
     assert json.loads(out.read_text())["training"] == result["training"]
     assert result["matmul_peak"]["tflops"] > 0
     by = {(r["pass"], r["impl"]): r for r in result["training"]}
@@ -527,13 +604,7 @@ def test_attention_bench_smoke(tmp_path):
     assert "error" in by[("fwd", "cudnn")]  # no cuDNN on a CPU: recorded, not fatal
     stages = [(r["stage"], r["impl"], r["layout"]) for r in result["sampling"] if "ms" in r]
     assert stages == [(4, "xla", "stacked"), (4, "pallas", "stacked")]
-    # the tile sweep: every grid point timed, fastest first
-    for name, grid in attention_bench.sweep_grids(smoke=True).items():
-        rows = result["sweep"][name]
-        points = sorted(repr({k: r[k] for k in grid[0]}) for r in rows)
-        assert points == sorted(map(repr, grid)), name
-        times = [r["ms"] for r in rows]
-        assert times == sorted(times) and times[0] > 0, (name, rows)
+    assert "sweep" not in result
 
 
 def test_xla_cache_attention_chunks_long_query_blocks(monkeypatch):

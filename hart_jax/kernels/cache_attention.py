@@ -45,6 +45,7 @@ from hart_jax.kernels.level_attention import (
     pad_axis,
     padded_head_dim,
     round_up,
+    tile_metadata,
 )
 from hart_jax.kernels.reference import valid_len_1d
 
@@ -53,7 +54,8 @@ CACHE_ALIGN = 128  # cache lengths that are multiples of this are never padded
 
 @dataclasses.dataclass(frozen=True)
 class CacheAttentionConfig:
-    """Tile sizes and Triton launch parameters (powers of two >= 16). Not tuned on hardware yet."""
+    """Tile sizes and Triton launch parameters (powers of two >= 16; ``block_k`` divides
+    ``CACHE_ALIGN``). Per-GPU values: ``hart_jax/kernels/tile_table.json``."""
 
     block_q: int = 64
     block_k: int = 64
@@ -135,6 +137,7 @@ def _cache_call(q, k, v, n_B, layer, *, scale, block_q, block_k, num_warps, num_
         compiler_params=triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="hart_cache_attention",
+        metadata=tile_metadata(block_q, block_k, num_warps, num_stages),
     )(*args)
 
 

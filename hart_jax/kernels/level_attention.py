@@ -11,7 +11,7 @@ Schedule (FlashAttention-2):
   log-sum-exp;
 - backward: one kernel per key block accumulates dk and dv over query blocks
   ``[lo, nq)``; one kernel per query block accumulates dq over key blocks
-  ``[0, hi)``.
+  ``[0, hi)`` (each backward kernel may have its own tiles).
 ``hi`` and ``lo`` come from small per-block tables built outside the kernel
 (max query level per query block, min key level per key block): every block
 outside the loop range is fully masked, whatever the order of the levels, and
@@ -55,7 +55,11 @@ PAD_K_LEVEL = int(np.iinfo(np.int32).max)  # a padded key is seen by no query
 class LevelAttentionConfig:
     """Tile sizes and Triton launch parameters (powers of two; blocks >= 16).
 
-    Not tuned on hardware yet: ``bench/attention_bench.py`` takes them as flags.
+    ``block_q`` .. ``num_stages``: the forward kernel. ``*_bwd``: the backward kernels, dk/dv
+    and dq; the dq kernel takes its own ``*_dq`` values where they are set (None: the
+    ``*_bwd`` value). Per-GPU values: ``hart_jax/kernels/tile_table.json`` (picked by
+    ``hart_jax.attention`` when the caller names no config); these defaults serve every
+    other device.
     """
 
     block_q: int = 128
@@ -66,12 +70,28 @@ class LevelAttentionConfig:
     num_stages: int = 2
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
+    block_q_dq: int | None = None
+    block_k_dq: int | None = None
+    num_warps_dq: int | None = None
+    num_stages_dq: int | None = None
 
     def __post_init__(self):
-        for f in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+        for f in ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "block_q_dq", "block_k_dq"):
             b = getattr(self, f)
+            if b is None and f.endswith("_dq"):
+                continue
             if b < 16 or b & (b - 1):
                 raise ValueError(f"LevelAttentionConfig.{f} must be a power of two >= 16, got {b}")
+
+    def dq_tiles(self) -> tuple[int, int, int, int]:
+        """The dq kernel's ``(block_q, block_k, num_warps, num_stages)``, ``*_bwd`` filling the unset."""
+        pick = lambda own, shared: shared if own is None else own  # noqa: E731
+        return (
+            pick(self.block_q_dq, self.block_q_bwd),
+            pick(self.block_k_dq, self.block_k_bwd),
+            pick(self.num_warps_dq, self.num_warps_bwd),
+            pick(self.num_stages_dq, self.num_stages_bwd),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +107,10 @@ class _Static:
     num_stages: int
     num_warps_bwd: int
     num_stages_bwd: int
+    block_q_dq: int
+    block_k_dq: int
+    num_warps_dq: int
+    num_stages_dq: int
     precision: lax.Precision
     interpret: bool
 
@@ -118,6 +142,12 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, k_name: str = "k") -> No
         raise ValueError(f"q, {k_name}, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention inputs must be float32, bfloat16 or float16, got {q.dtype}")
+
+
+def tile_metadata(block_q: int, block_k: int, num_warps: int, num_stages: int) -> dict[str, str]:
+    """A kernel's tiles as ``pallas_call`` metadata (JSON in the lowered HLO; no effect on the kernel)."""
+    return {"block_q": str(block_q), "block_k": str(block_k), "num_warps": str(num_warps),
+            "num_stages": str(num_stages)}
 
 
 def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
@@ -299,6 +329,7 @@ def _fwd_call(q, k, v, q_lev, k_lev, hi, st: _Static):
         compiler_params=triton_compiler_params(st.num_warps, st.num_stages),
         interpret=st.interpret,
         name="hart_level_attention_fwd",
+        metadata=tile_metadata(st.block_q, st.block_k, st.num_warps, st.num_stages),
     )(hi, q_lev, k_lev, q, k, v)
 
 
@@ -307,7 +338,6 @@ def _bwd_calls(q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse, do, st: _Static):
     Pk = k.shape[1]
     bq, bk = st.block_q_bwd, st.block_k_bwd
     nq, nk = Pq // bq, Pk // bk
-    params = triton_compiler_params(st.num_warps_bwd, st.num_stages_bwd)
     delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
 
     full_q = pl.BlockSpec((SQ, Pq, SQ, D), lambda j, b, h: (b, 0, h, 0))
@@ -328,11 +358,14 @@ def _bwd_calls(q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse, do, st: _Static):
         ],
         out_specs=[blk_k, blk_k],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=params,
+        compiler_params=triton_compiler_params(st.num_warps_bwd, st.num_stages_bwd),
         interpret=st.interpret,
         name="hart_level_attention_dkv",
+        metadata=tile_metadata(bq, bk, st.num_warps_bwd, st.num_stages_bwd),
     )(dkv_lo, q_lev, k_lev, q, k, v, do, lse, delta)
 
+    bq, bk = st.block_q_dq, st.block_k_dq
+    nq = Pq // bq
     rev = lambda i: nq - 1 - i  # noqa: E731
     blk_q = pl.BlockSpec((SQ, bq, SQ, D), lambda i, b, h: (b, rev(i), h, 0))
     blk_row_q = pl.BlockSpec((SQ, SQ, bq), lambda i, b, h: (b, h, rev(i)))
@@ -349,9 +382,10 @@ def _bwd_calls(q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse, do, st: _Static):
         ],
         out_specs=blk_q,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=params,
+        compiler_params=triton_compiler_params(st.num_warps_dq, st.num_stages_dq),
         interpret=st.interpret,
         name="hart_level_attention_dq",
+        metadata=tile_metadata(bq, bk, st.num_warps_dq, st.num_stages_dq),
     )(dq_hi, q_lev, k_lev, q, k, v, do, lse, delta)
     return dq, dk, dv
 
@@ -411,6 +445,7 @@ def level_attention(
     q_lev = levels_2d(q_levels, B, Q, "q_levels")
     k_lev = levels_2d(k_levels, B, K, "k_levels")
 
+    block_q_dq, block_k_dq, num_warps_dq, num_stages_dq = cfg.dq_tiles()
     st = _Static(
         scale=float(scale),
         block_q=fit_block(cfg.block_q, Q),
@@ -421,11 +456,16 @@ def level_attention(
         num_stages=cfg.num_stages,
         num_warps_bwd=cfg.num_warps_bwd,
         num_stages_bwd=cfg.num_stages_bwd,
+        block_q_dq=fit_block(block_q_dq, Q),
+        block_k_dq=fit_block(block_k_dq, K),
+        num_warps_dq=num_warps_dq,
+        num_stages_dq=num_stages_dq,
         precision=precision,
         interpret=bool(interpret),
     )
-    Pq = round_up(Q, max(st.block_q, st.block_q_bwd))
-    Pk = round_up(K, max(st.block_k, st.block_k_bwd))
+    # every block size is a power of two: the largest is a multiple of the others
+    Pq = round_up(Q, max(st.block_q, st.block_q_bwd, st.block_q_dq))
+    Pk = round_up(K, max(st.block_k, st.block_k_bwd, st.block_k_dq))
     Dp = padded_head_dim(D)
 
     q = pad_axis(pad_axis(q_BQAD, 3, Dp), 1, Pq)
@@ -435,7 +475,7 @@ def level_attention(
     k_lev = pad_axis(k_lev, 1, Pk, PAD_K_LEVEL)
 
     fwd_hi = kv_upper_bounds(q_lev, k_lev, st.block_q, st.block_k)
-    dq_hi = kv_upper_bounds(q_lev, k_lev, st.block_q_bwd, st.block_k_bwd)
+    dq_hi = kv_upper_bounds(q_lev, k_lev, st.block_q_dq, st.block_k_dq)
     dkv_lo = q_lower_bounds(q_lev, k_lev, st.block_q_bwd, st.block_k_bwd)
     o = _flash(q, k, v, q_lev, k_lev, fwd_hi, dq_hi, dkv_lo, st)
     return o[:, :Q, :, :D]
