@@ -78,9 +78,10 @@ def requested_dir(setting: CacheSetting = None) -> Path | None:
     return Path(text).expanduser()
 
 
-def check_cache_dir(path: Path, name: str = "compile cache") -> None:
+def check_writable_dir(path: Path, name: str = "compile cache") -> None:
     """``path`` is a directory or can be made one: its nearest existing ancestor (or itself)
-    is a writable directory; else a one-line ``HartError`` naming ``name``. Creates nothing."""
+    is a writable directory; else a one-line ``HartError`` naming ``name`` (e.g. the flag).
+    Creates nothing. (Also ``sample.py``'s check of ``--out-dir``.)"""
     existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
     if not existing.is_dir():
         what = "exists and is not a directory" if existing == path else f"{existing} is not a directory"
@@ -161,7 +162,7 @@ def enable_compile_cache(setting: CacheSetting = None, *, strict: bool | None = 
     if strict is None:
         strict = setting not in (None, True) or os.environ.get(ENV_VAR) is not None
     try:
-        check_cache_dir(want)
+        check_writable_dir(want)
     except HartError as e:
         if strict:
             raise

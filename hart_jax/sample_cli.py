@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from hart_jax.compile_cache import ENV_VAR, CacheEvents, check_cache_dir, requested_dir
+from hart_jax.compile_cache import ENV_VAR, CacheEvents, check_writable_dir, requested_dir
 from hart_jax.errors import HartError, OneLineArgumentParser
 
 RELEASE_SAMPLING = {"cfg": 4.5, "top_k": None, "top_p": 0.0, "more_smooth": True}
@@ -158,12 +158,7 @@ def check_flags(args: argparse.Namespace) -> None:
 def check_out_dir(out: Path) -> None:
     """``out`` is a directory or can be made one: its nearest existing ancestor (or itself) is
     a writable directory. Nothing is created."""
-    existing = next(p for p in (out, *out.parents) if os.path.lexists(p))
-    if not existing.is_dir():
-        what = "exists and is not a directory" if existing == out else f"{existing} is not a directory"
-        raise HartError(f"--out-dir {out}: {what}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise HartError(f"--out-dir {out}: {existing} is not writable")
+    check_writable_dir(out, "--out-dir")
 
 
 def check_compile_cache(setting: str | bool | None) -> None:
@@ -173,7 +168,7 @@ def check_compile_cache(setting: str | bool | None) -> None:
         return
     want = requested_dir(setting)
     if want is not None:
-        check_cache_dir(want, "--compile-cache" if setting is not None else ENV_VAR)
+        check_writable_dir(want, "--compile-cache" if setting is not None else ENV_VAR)
 
 
 def check_sampling(settings: dict, source: str) -> None:
