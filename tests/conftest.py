@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices, fp32 matmuls, no persistent compilation cache, and the
+"""Test setup: 8 fake CPU devices, fp32 matmuls, one compilation cache per run (see below), and the
 golden fixture directory.
 
 ``HART_GOLDEN_DIR`` (default ``../shared/golden`` next to the repository) holds the
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +19,25 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# JAX's persistent compilation cache is off for the suite (and the subprocesses it starts):
-# nothing is written to the user's cache directory, and tests compile what they test.
+# hart_jax's own compile-cache policy (HART_JAX_COMPILE_CACHE) is off for the suite and the
+# subprocesses it starts: nothing is written to the user's cache directory.
 # tests/test_compile_cache.py turns it on explicitly, in temporary directories.
 os.environ.setdefault("HART_JAX_COMPILE_CACHE", "off")
+# One JAX persistent compilation cache for this run only, shared by the xdist workers and every
+# subprocess they start (train.py, sample.py, the retraining smoke run): a program is compiled
+# once per run, and a process that needs the same program again (the resumed half of a killed
+# run, another test file's identical pipeline) reads it. The directory is made by the first
+# process (the xdist controller, or a plain pytest run), inherited by the others through the
+# environment, and removed at the end. JAX's thresholds stay at its defaults (programs that took
+# >= 1 s to compile). A size limit makes JAX lock the directory around every read and write, so
+# concurrent processes never read a half-written entry. A cache configured by the caller
+# (JAX_COMPILATION_CACHE_DIR already set) is used as it is.
+RUN_CACHE_VAR = "HART_JAX_TEST_RUN_CACHE"
+_made_run_cache = RUN_CACHE_VAR not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _made_run_cache:
+    os.environ[RUN_CACHE_VAR] = tempfile.mkdtemp(prefix="hart_jax_test_jit_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[RUN_CACHE_VAR]
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(32 << 30))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -94,3 +111,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
     for report in skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         terminalreporter.write_line(f"  {report.nodeid}: {reason}")
+
+
+def pytest_unconfigure(config) -> None:
+    """Remove the run's compilation cache (only in the process that made it)."""
+    if _made_run_cache:
+        shutil.rmtree(os.environ[RUN_CACHE_VAR], ignore_errors=True)

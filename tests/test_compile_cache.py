@@ -33,7 +33,8 @@ def _sample(*args: str, cwd: Path, env: dict[str, str | None]) -> subprocess.Com
     """``python sample.py ARGS --no-progress`` in a fresh process; ``env`` overrides (None
     removes a variable). A cache directory configured through JAX itself is removed."""
     full = dict(os.environ, PYTHONPATH=str(REPO))
-    full.pop("JAX_COMPILATION_CACHE_DIR", None)
+    for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE"):  # the run-wide cache (conftest.py)
+        full.pop(k, None)
     for k, v in env.items():
         if v is None:
             full.pop(k, None)
@@ -47,9 +48,11 @@ def _settings(out: Path) -> dict:
     return json.loads((out / "settings.json").read_text())
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def jax_cache_state():
-    """Restores JAX's process-wide cache settings and this package's record of them."""
+    """Every test here starts with no cache directory configured through JAX (the suite's
+    run-wide cache, see conftest.py, is set aside) and ends with JAX's process-wide cache
+    settings and this package's record of them restored."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
@@ -57,6 +60,8 @@ def jax_cache_state():
              "jax_persistent_cache_min_entry_size_bytes")
     before = {n: getattr(jax.config, n) for n in names}
     ours, logged = cc._ours, cc._logged
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", None)
     yield
     compilation_cache.reset_cache()
     for n, v in before.items():
@@ -116,7 +121,8 @@ def test_env_off_leaves_the_default_dir_untouched(tmp_path):
     """``HART_JAX_COMPILE_CACHE=off``: a process that compiles writes nothing to the default
     directory; without the variable the same process fills it (the control)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), XDG_CACHE_HOME=str(tmp_path), **{ENV_VAR: "off"})
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE"):
+        env.pop(k, None)
     r = subprocess.run([sys.executable, "-c", _JIT_ONCE], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["None"] and not list(tmp_path.iterdir())
