@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -234,3 +235,78 @@ def test_train_py_errors_are_one_line(tmp_path):
     p = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0 and "tiny_t2i, tiny_c2i" in p.stdout and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+class FakeManager:
+    """The orbax calls ``run_loop`` makes, recorded (saves every ``every`` steps)."""
+
+    def __init__(self, events: list, every: int) -> None:
+        self.events, self.every, self.saved = events, every, []
+
+    def should_save(self, step):
+        return step % self.every == 0
+
+    def save(self, step, args=None, force=False):
+        self.events.append(("save", step))
+        self.saved.append(step)
+        return True
+
+    def latest_step(self):
+        return self.saved[-1] if self.saved else None
+
+    def wait_until_finished(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def fake_run(tmp_path, nonfinite_at: int = -1):
+    """``run_loop`` over host-only steps: 7 steps, checkpoints every 3, logging every 100."""
+    import types
+
+    from hart_jax.train import run_control
+
+    events: list = []
+    c = config(tmp_path, **{"train.num_steps": 7, "log.example_ids": True})
+    batches = iter([{"id": np.array([t])} for t in range(100)])
+
+    def step(state, local, t):
+        events.append(("dispatch", t + 1))
+        return types.SimpleNamespace(step=t + 1), {"loss": 1.0, "finite": float(t + 1 != nonfinite_at)}, {}
+
+    def derive(m, dt):
+        events.append(("read", len([e for e in events if e[0] == "read"]) + 1))
+        return m
+
+    task = run_control.LoopTask(step=step, derive=derive, bar_keys=("loss",))
+    guard = run_control.CleanFailedStart(tmp_path / "run").__enter__()
+    run = lambda: run_control.run_loop(  # noqa: E731
+        c, tmp_path / "run", FakeManager(events, 3), batches, types.SimpleNamespace(step=0), task, {}, guard
+    )
+    return events, run
+
+
+def test_loop_reads_metrics_one_step_late(tmp_path):
+    """No host round trip per step: step t's metrics are read after step t+1 was dispatched,
+    except on checkpoint and last steps, which are read (and checked finite) before saving."""
+    events, run = fake_run(tmp_path)
+    last = run()
+    assert last["step"] == 7
+    assert events == [
+        ("dispatch", 1), ("dispatch", 2), ("read", 1), ("dispatch", 3), ("read", 2), ("read", 3), ("save", 3),
+        ("dispatch", 4), ("dispatch", 5), ("read", 4), ("dispatch", 6), ("read", 5), ("read", 6), ("save", 6),
+        ("dispatch", 7), ("read", 7), ("save", 7),
+    ]
+    ids = (tmp_path / "run" / "example_ids.jsonl").read_text().splitlines()
+    assert [json.loads(s)["ids"] for s in ids] == [[t] for t in range(7)]  # each step's own batch, read late
+
+
+def test_nonfinite_step_read_late_stops_before_the_next_save(tmp_path):
+    from hart_jax.train.run_control import TrainingDiverged
+
+    events, run = fake_run(tmp_path, nonfinite_at=5)
+    with pytest.raises(TrainingDiverged, match=f"^step 5: loss=1.0 is not finite; .* {tmp_path}/run/checkpoints/3$"):
+        run()
+    assert [e for e in events if e[0] == "save"] == [("save", 3)]
+    assert events[-1] == ("dispatch", 6)  # found one step late, before step 6 could be saved
