@@ -120,8 +120,11 @@ def check_args(argv: Sequence[str]) -> None:
             if part not in fields:
                 close = difflib.get_close_matches(part, fields, n=1)
                 where = ".".join(walked) or "the config"
-                hint = f"; did you mean --config.{'.'.join(walked + close)}?" if close else f"; {where} has: {', '.join(fields)}"
-                if not fields:
+                if close:
+                    hint = f"; did you mean --config.{'.'.join(walked + close)}?"
+                elif fields:
+                    hint = f"; {where} has: {', '.join(fields)}"
+                else:
                     hint = f"; {where} is a value, not a section"
                 raise UsageError(f"--config.{key}: {where} has no field {part!r}{hint}")
             node, walked = node[part], walked + [part]
