@@ -9,7 +9,10 @@
 * a wrong data dir / dataset name: one line naming both and the datasets there, nothing on
   disk; a run failing before its first step removes only what it created;
 * ``train.py``: an unknown preset / misspelled override is one line with a suggestion and
-  status 2, ``--help`` lists the presets.
+  status 2, ``--help`` lists the presets;
+* the loop (host-only fake steps, no compile) reads step t's metrics after dispatching step
+  t+1, except on checkpoint / last steps, and a non-finite step read late stops the run
+  before the next save.
 """
 
 from __future__ import annotations
