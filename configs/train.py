@@ -96,6 +96,7 @@ def _base(model: dict, tokenizer: str, kind: str) -> ml_collections.ConfigDict:
     c.train.grad_accum = 1
     c.train.num_steps = 100_000
     c.train.sigkill_at_step = -1  # testing: SIGKILL this process after this step (pending saves finished)
+    c.train.sigterm_at_step = -1  # testing: send this process SIGTERM after this step (a preemption)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
@@ -201,7 +202,8 @@ def get_tokenizer_config(
     c.train.batch_size = 32
     c.train.grad_accum = 1  # must be 1 (BatchNorm + adaptive weight are per batch)
     c.train.num_steps = 100_000
-    c.train.sigkill_at_step = -1
+    c.train.sigkill_at_step = -1  # testing (see _base)
+    c.train.sigterm_at_step = -1  # testing (see _base)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -1,8 +1,10 @@
 """``train.py`` end to end in subprocesses (tiny presets, 1 CPU device each, run in parallel):
 
-* resume: N steps straight vs. killed with SIGKILL after N/2 (between checkpoints) and
-  started again with the same workdir -> identical params / EMA / optimizer state and
-  the same data order;
+* preemption: N steps straight vs. stopped by SIGTERM (the test hook
+  ``train.sigterm_at_step``) after a step between checkpoints, which saves that step and
+  exits 0, and started again with the same workdir -> identical params / EMA / optimizer
+  state and the same data order. The preempted run goes first (beside the diverging one),
+  so the straight and resumed runs read its compiled programs from the run's cache;
 * the loss falls on a small structured dataset made here (coloured shapes);
 * a non-finite loss stops the run with a clear message and keeps the last good checkpoint;
 * TensorBoard scalars are written.
@@ -25,7 +27,7 @@ from tests import train_data
 REPO = Path(__file__).resolve().parents[1]
 N = 20
 EVERY = 5
-KILL_AT = 12  # between checkpoints: resumes from N/2 = 10, redoes 11 and 12
+STOP_AT = 12  # between checkpoints (every 5): SIGTERM saves 12 and the resumed run starts there
 
 
 def launch(workdir: Path, preset: str, data_dir: Path, name: str, *extra: str) -> subprocess.Popen:
@@ -52,15 +54,16 @@ def runs(tmp_path_factory):
     data = root / "data"
     train_data.write(data, 48, kind="t2i", name="shapes", size=32)
     train_data.write(data, 32, kind="c2i", name="shapes_c2i", size=32)
-    straight = launch(root / "straight", "tiny_t2i", data, "shapes")
-    killed = launch(root / "resumed", "tiny_t2i", data, "shapes", f"--config.train.sigkill_at_step={KILL_AT}")
+    preempted = launch(root / "resumed", "tiny_t2i", data, "shapes", f"--config.train.sigterm_at_step={STOP_AT}")
     # lr 1e30 after a 2-step warmup: step 2's update blows the weights up, step 3's loss is inf/nan
     diverge = launch(
         root / "diverge", "tiny_c2i", data, "shapes_c2i", "--config.optim.lr=1e30", "--config.optim.warmup_steps=2",
         "--config.checkpoint.every_steps=1", "--config.train.num_steps=6",
     )
-    res = {"straight": finish(straight), "killed": finish(killed), "diverge": finish(diverge)}
-    res["resumed"] = finish(launch(root / "resumed", "tiny_t2i", data, "shapes"))
+    res = {"preempted": finish(preempted)}
+    straight = launch(root / "straight", "tiny_t2i", data, "shapes")
+    resumed = launch(root / "resumed", "tiny_t2i", data, "shapes")
+    res.update(diverge=finish(diverge), straight=finish(straight), resumed=finish(resumed))
     return root, res
 
 
@@ -75,19 +78,21 @@ def ids_by_step(workdir: Path) -> dict[int, list[int]]:
     out = {}
     for line in (workdir / "example_ids.jsonl").read_text().splitlines():
         row = json.loads(line)
-        out[row["step"]] = row["ids"]  # a re-run step overwrites the killed run's entry
+        out[row["step"]] = row["ids"]
     return out
 
 
-def test_sigkill_resume_is_exact(runs):
+def test_sigterm_resume_is_exact(runs):
     root, res = runs
     rc, out = res["straight"]
     assert rc == 0, out[-3000:]
-    rc, out = res["killed"]
-    assert rc == -9, f"expected SIGKILL, got {rc}: {out[-2000:]}"
+    rc, out = res["preempted"]
+    assert rc == 0, f"expected exit 0 after SIGTERM, got {rc}: {out[-2000:]}"
+    line = f"preempted (SIGTERM): saved {root / 'resumed'}/checkpoints/{STOP_AT} and stopped"
+    assert line in out and "done at step" not in out, out[-2000:]
     rc, out = res["resumed"]
     assert rc == 0, out[-3000:]
-    assert "resumed from" in out and f"checkpoints/{N // 2}" in out
+    assert f"resumed from {root / 'resumed'}/checkpoints/{STOP_AT}" in out, out[-2000:]
     a, steps_a = restore(root / "straight", N)
     b, steps_b = restore(root / "resumed", N)
     assert N in steps_a and N in steps_b
@@ -107,9 +112,9 @@ def test_sigkill_resume_is_exact(runs):
     ids_a, ids_b = ids_by_step(root / "straight"), ids_by_step(root / "resumed")
     assert sorted(ids_a) == sorted(ids_b) == list(range(1, N + 1))
     assert ids_a == ids_b
-    # the killed run really went past the checkpoint it resumed from
+    # the preempted run stopped at STOP_AT and the resumed one redid no step
     lines = (root / "resumed" / "example_ids.jsonl").read_text().splitlines()
-    assert len(lines) == KILL_AT + (N - N // 2)
+    assert len(lines) == N
 
 
 def test_loss_falls_and_tensorboard(runs):

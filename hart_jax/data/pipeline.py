@@ -20,6 +20,8 @@ so it does not depend on workers. ``id`` is the record's ``id`` feature (-1 with
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import grain.python as grain
@@ -35,7 +37,43 @@ def open_source(name: str = "", data_dir: str = "", split: str = "train", path: 
         return tfds.builder_from_directory(path).as_data_source(split=split)
     if not name:
         raise ValueError("data: give data.name (+ data.data_dir) or data.path")
+    check_source(name, data_dir)
     return tfds.data_source(name, data_dir=data_dir or None, split=split, download=False)
+
+
+def tfds_data_dir(data_dir: str = "") -> Path:
+    """``data_dir``, or TFDS's default (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``)."""
+    return Path(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+
+
+def datasets_in(data_dir: str | os.PathLike) -> list[str]:
+    """Names of the TFDS datasets prepared under ``data_dir`` (``NAME[/CONFIG]/VERSION/dataset_info.json``)."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        return []
+    return sorted({p.relative_to(root).parts[0] for p in root.glob("*/*/dataset_info.json")}
+                  | {p.relative_to(root).parts[0] for p in root.glob("*/*/*/dataset_info.json")})
+
+
+def check_source(name: str = "", data_dir: str = "", path: str = "") -> None:
+    """One-line ``ValueError`` when ``path`` does not exist, or when dataset ``name`` is not
+    prepared in ``data_dir`` (naming both and the datasets that are there), before TFDS
+    would answer with its whole catalog."""
+    if path:
+        if not Path(path).exists():
+            raise ValueError(f"data.path {path} does not exist")
+        return
+    if not name:
+        return
+    root = tfds_data_dir(data_dir)
+    base = name.split(":")[0].split("/")[0]
+    if not root.is_dir():
+        raise ValueError(f"data.data_dir {root} does not exist (looking for dataset {name!r})")
+    if not (root / base).is_dir():
+        there = datasets_in(root)
+        raise ValueError(
+            f"dataset {name!r} not found in {root}; datasets there: {', '.join(there) if there else 'none'}"
+        )
 
 
 def resize_crop(image: np.ndarray, size: int, rng: np.random.Generator | None = None) -> np.ndarray:

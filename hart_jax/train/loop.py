@@ -2,10 +2,10 @@
 
 ``build(config)`` -> ``Components`` (mesh, model, frozen tokenizer / text encoder,
 optimizer, sharded state creation, the jitted step); ``train(config, workdir)`` runs
-the loop: resume from the workdir's latest checkpoint if there is one (state, EMA,
-step, RNG and the grain iterator), log to TensorBoard / console, checkpoint on the
-interval and at the end, stop with ``TrainingDiverged`` on a non-finite loss (the
-last good checkpoint stays the latest).
+the loop of ``run_control``: resume from the workdir's newest good checkpoint if there is
+one (state, EMA, step, RNG and the grain iterator), log to TensorBoard / console,
+checkpoint on the interval, at the end and on SIGTERM, stop with ``TrainingDiverged`` on a
+non-finite loss (the last good checkpoint stays the latest).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -24,12 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hart_jax.errors import HartError
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
 from hart_jax.models.transformer import HARTTransformer, T2IConfig
-from hart_jax.train import checkpointing
-from hart_jax.train.metrics import EventWriter, Progress
+from hart_jax.train import checkpointing, run_control
 from hart_jax.train.objective import FrozenModels, ObjectiveConfig, keep_count
+from hart_jax.train.run_control import TrainingDiverged  # noqa: F401 (re-exported)
 from hart_jax.train.sharding import batch_divisor, batch_sharding, make_mesh, tree_shardings
 from hart_jax.train.state import TrainState, abstract_state, create_sharded_state, make_optimizer, make_schedule
 from hart_jax.train.step import make_train_step
@@ -37,10 +34,6 @@ from hart_jax.train.step import make_train_step
 log = logging.getLogger("hart_jax.train")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class TrainingDiverged(HartError):
-    """The loss (or gradient norm) became NaN or infinite."""
 
 
 def maybe_initialize_distributed(mode: str = "auto") -> None:
@@ -235,90 +228,59 @@ def _init_params_from(path: str) -> Any:
 
 
 def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Run (or resume) training in ``workdir``; returns the last step's metrics."""
-    from hart_jax.data.pipeline import make_loader
+    """Run (or resume) training in ``workdir``; returns the last step's metrics.
+
+    Resumes from the newest checkpoint that restores (damaged newer ones are moved aside);
+    SIGTERM saves and stops at the next step boundary; a run that fails before its first
+    step leaves nothing on disk (``hart_jax.train.run_control``)."""
+    from hart_jax.data.pipeline import check_source, make_loader
 
     maybe_initialize_distributed(str(config.get("distributed", "auto")))
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    comp = build(config)
     c = config
-    primary = jax.process_index() == 0
     if not c.data.name and not c.data.path:
         raise ValueError("no training data: set data.name (+ data.data_dir) or data.path")
-    mngr = checkpointing.make_manager(
-        workdir, every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save
-    )
-    latest = mngr.latest_step()
-    init_params = _init_params_from(c.init_from) if (c.init_from and latest is None) else None
-    state, shardings = comp.create_state(init_params)
-    loader = make_loader(
-        c.data, kind="c2i" if comp.tcfg.is_c2i else "t2i", resolution=comp.resolution,
-        global_batch=int(c.train.batch_size), seed=int(c.seed), tokenizer=comp.text_tokenizer,
-        prefix=comp.text_prefix, max_length=comp.tcfg.context_token or 300,
-    )
-    data_iter = iter(loader)
-    if latest is not None:
-        state = checkpointing.restore(mngr, latest, comp.abstract_state(), shardings, data_iter)
-        if primary:
-            print(f"resumed from {workdir}/checkpoints/{latest}", flush=True)
-    start = int(jax.device_get(state.step))
-    num_steps = int(c.train.num_steps)
-    step_fn = comp.make_step(shardings)
-    meta = {"config": json.loads(c.to_json_best_effort()), "resolution": comp.resolution}
-    if primary:
-        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-    writer = EventWriter(workdir / "tensorboard") if (primary and c.log.tensorboard) else None
-    bar = Progress(num_steps, start, bool(c.log.progress) and primary)
-    ids_log = open(workdir / "example_ids.jsonl", "a") if (primary and c.log.example_ids) else None
-    last: dict[str, Any] = {}
-    t_prev = time.perf_counter()
-    compiled: set[int] = set()
-    try:
-        for step in range(start, num_steps):
-            local = next(data_iter)
+    check_source(c.data.get("name", ""), c.data.get("data_dir", ""), c.data.get("path", ""))
+    workdir = Path(workdir).absolute()
+    primary = jax.process_index() == 0
+    with run_control.CleanFailedStart(workdir, primary) as guard:
+        comp = build(config)
+        mngr = checkpointing.make_manager(
+            workdir, every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save
+        )
+        try:
+            init_params = _init_params_from(c.init_from) if (c.init_from and mngr.latest_step() is None) else None
+            loader = make_loader(
+                c.data, kind="c2i" if comp.tcfg.is_c2i else "t2i", resolution=comp.resolution,
+                global_batch=int(c.train.batch_size), seed=int(c.seed), tokenizer=comp.text_tokenizer,
+                prefix=comp.text_prefix, max_length=comp.tcfg.context_token or 300,
+            )
+            data_iter = iter(loader)
+            abstract = comp.abstract_state()
+            shardings = tree_shardings(abstract, comp.mesh, comp.rules)
+            step0, state = checkpointing.restore_newest_good(mngr, abstract, shardings, data_iter)
+            if step0 is None:  # a fresh start (a resumed one compiles no initialisation)
+                state, shardings = comp.create_state(init_params)
+            elif primary:
+                print(f"resumed from {workdir}/checkpoints/{step0}", flush=True)
+            step_fn = comp.make_step(shardings)
+        except BaseException:
+            mngr.close()
+            raise
+        compiled: set[int] = set()
+
+        def one_step(state: Any, local: Mapping[str, np.ndarray], step: int) -> tuple[Any, Any, dict[str, float]]:
             n_keep = comp.keep_for_step(step)
-            batch = comp.global_batch(local)
-            state, metrics = step_fn(state, batch, comp.frozen_params, n_keep)
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            dt, t_prev = now - t_prev, now
-            if not m["finite"]:
-                mngr.wait_until_finished()
-                good = mngr.latest_step()
-                raise TrainingDiverged(
-                    f"step {step + 1}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; stopped without "
-                    f"saving. The last good checkpoint is "
-                    + (f"{workdir}/checkpoints/{good}" if good is not None else "none (no checkpoint yet)")
-                )
-            m["step_time"] = dt
-            m["tokens_per_s"] = comp.tokens_per_step(n_keep) / dt
-            m["kept_tokens"] = n_keep
-            m["compiled_this_step"] = float(n_keep not in compiled)
+            state, metrics = step_fn(state, comp.global_batch(local), comp.frozen_params, n_keep)
+            extra = {"kept_tokens": n_keep, "compiled_this_step": float(n_keep not in compiled)}
             compiled.add(n_keep)
-            last = dict(m, step=step + 1)
-            if ids_log is not None:
-                ids_log.write(json.dumps({"step": step + 1, "ids": [int(i) for i in np.asarray(local["id"])]}) + "\n")
-                ids_log.flush()
-            if writer is not None and ((step + 1) % int(c.log.every_steps) == 0 or step + 1 == num_steps):
-                writer.scalars(step + 1, {f"train/{k}": v for k, v in m.items()})
-                writer.flush()
-            bar.update(1, loss=m["loss"], ce=m["ce"], diff=m["diff"], lr=m["lr"])
-            checkpointing.save(mngr, step + 1, state, data_iter, meta, force=step + 1 == num_steps)
-            if int(c.train.sigkill_at_step) == step + 1:
-                mngr.wait_until_finished()
-                if ids_log is not None:
-                    ids_log.close()
-                os.kill(os.getpid(), signal.SIGKILL)
-    finally:
-        mngr.wait_until_finished()
-        mngr.close()
-        bar.close()
-        if writer is not None:
-            writer.close()
-        if ids_log is not None and not ids_log.closed:
-            ids_log.close()
-    return last
+            return state, metrics, extra
+
+        def derive(m: dict[str, float], dt: float) -> dict[str, float]:
+            return dict(m, step_time=dt, tokens_per_s=comp.tokens_per_step(int(m["kept_tokens"])) / dt)
+
+        task = run_control.LoopTask(step=one_step, derive=derive, bar_keys=("loss", "ce", "diff", "lr"))
+        meta = {"config": json.loads(c.to_json_best_effort()), "resolution": comp.resolution}
+        return run_control.run_loop(c, workdir, mngr, data_iter, state, task, meta, guard)
 
 
 def memory_report(config: Any, devices: Any = None) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 
 ``build_tokenizer(config)`` -> ``TokenizerComponents`` (mesh, autoencoder, discriminator,
 objective, optimizers, the weights to start from, the frozen perceptual network);
-``train_tokenizer(config, workdir)`` runs the loop with the transformer's machinery:
-resume from the workdir's latest checkpoint (state, EMA, discriminator, step, RNG and the
-grain iterator), TensorBoard + progress bar, checkpoints on the interval and at the end,
-``TrainingDiverged`` on a non-finite loss (nothing saved, the last good checkpoint stays).
+``train_tokenizer(config, workdir)`` runs the loop of ``run_control`` (shared with the
+transformer): resume from the workdir's newest good checkpoint (state, EMA, discriminator,
+step, RNG and the grain iterator), TensorBoard + progress bar, checkpoints on the interval,
+at the end and on SIGTERM, ``TrainingDiverged`` on a non-finite loss (nothing saved, the
+last good checkpoint stays).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -25,9 +24,8 @@ import optax
 
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
 from hart_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator
-from hart_jax.train import checkpointing
-from hart_jax.train.loop import DTYPES, TrainingDiverged, maybe_initialize_distributed
-from hart_jax.train.metrics import EventWriter, Progress
+from hart_jax.train import checkpointing, run_control
+from hart_jax.train.loop import DTYPES, maybe_initialize_distributed
 from hart_jax.train.sharding import batch_divisor, batch_sharding, make_mesh, tree_shardings
 from hart_jax.train.state import make_optimizer, make_schedule
 from hart_jax.train.tokenizer_objective import PerceptualFn, TokenizerLossConfig
@@ -210,85 +208,56 @@ def build_tokenizer(
 
 
 def train_tokenizer(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Run (or resume) tokenizer training in ``workdir``; returns the last step's metrics."""
-    from hart_jax.data.pipeline import make_loader
+    """Run (or resume) tokenizer training in ``workdir``; returns the last step's metrics
+    (resume, SIGTERM and failed starts as ``hart_jax.train.loop.train``)."""
+    from hart_jax.data.pipeline import check_source, make_loader
 
     maybe_initialize_distributed(str(config.get("distributed", "auto")))
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     c = config
     if not c.data.name and not c.data.path:
         raise ValueError("no training data: set data.name (+ data.data_dir) or data.path")
+    check_source(c.data.get("name", ""), c.data.get("data_dir", ""), c.data.get("path", ""))
+    workdir = Path(workdir).absolute()
     primary = jax.process_index() == 0
-    mngr = checkpointing.make_manager(
-        workdir, every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save
-    )
-    latest = mngr.latest_step()
-    try:
-        comp = build_tokenizer(config, load_init=latest is None)  # a checkpoint replaces init_from's weights
-    except BaseException:
-        mngr.close()
-        raise
-    state, shardings = comp.create_state()
-    loader = make_loader(c.data, kind="image", resolution=comp.resolution, global_batch=int(c.train.batch_size),
-                         seed=int(c.seed))
-    data_iter = iter(loader)
-    if latest is not None:
-        state = checkpointing.restore(mngr, latest, comp.abstract_state(), shardings, data_iter)
-        if primary:
-            print(f"resumed from {workdir}/checkpoints/{latest}", flush=True)
-    elif primary:
-        n_train, n_all = count_trainable(state.params, comp.labels)
-        log.info("tokenizer: %d of %d parameters trainable (%s)", n_train, n_all, c.tokenizer_train.trainable)
-    start = int(jax.device_get(state.step))
-    num_steps = int(c.train.num_steps)
-    step_fn = comp.make_step(shardings)
-    meta = {"config": json.loads(c.to_json_best_effort()), "resolution": comp.resolution, "task": "tokenizer"}
-    if primary:
-        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-    writer = EventWriter(workdir / "tensorboard") if (primary and c.log.tensorboard) else None
-    bar = Progress(num_steps, start, bool(c.log.progress) and primary)
-    ids_log = open(workdir / "example_ids.jsonl", "a") if (primary and c.log.example_ids) else None
-    last: dict[str, Any] = {}
-    t_prev = time.perf_counter()
-    try:
-        for step in range(start, num_steps):
-            local = next(data_iter)
+    with run_control.CleanFailedStart(workdir, primary) as guard:
+        mngr = checkpointing.make_manager(
+            workdir, every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save
+        )
+        try:
+            # a checkpoint replaces init_from's weights
+            comp = build_tokenizer(config, load_init=mngr.latest_step() is None)
+            loader = make_loader(c.data, kind="image", resolution=comp.resolution,
+                                 global_batch=int(c.train.batch_size), seed=int(c.seed))
+            data_iter = iter(loader)
+            abstract = comp.abstract_state()
+            shardings = tree_shardings(abstract, comp.mesh, comp.rules)
+            step0, state = checkpointing.restore_newest_good(mngr, abstract, shardings, data_iter)
+            if step0 is None:  # a fresh start (a resumed one compiles no initialisation)
+                state, shardings = comp.create_state()
+                if primary:
+                    n_train, n_all = count_trainable(state.params, comp.labels)
+                    log.info("tokenizer: %d of %d parameters trainable (%s)", n_train, n_all,
+                             c.tokenizer_train.trainable)
+            elif primary:
+                print(f"resumed from {workdir}/checkpoints/{step0}", flush=True)
+            step_fn = comp.make_step(shardings)
+        except BaseException:
+            mngr.close()
+            raise
+        batch_size = int(c.train.batch_size)
+
+        def one_step(state: Any, local: Mapping[str, np.ndarray], step: int) -> tuple[Any, Any, dict[str, float]]:
             state, metrics = step_fn(state, comp.global_batch(local), comp.frozen_params)
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            dt, t_prev = now - t_prev, now
-            if not m["finite"]:
-                mngr.wait_until_finished()
-                good = mngr.latest_step()
-                raise TrainingDiverged(
-                    f"step {step + 1}: loss={m['loss']} grad_norm={m['grad_norm']} d={m['d']} "
-                    f"d_grad_norm={m['d_grad_norm']} is not finite; stopped without saving. The last good checkpoint is "
-                    + (f"{workdir}/checkpoints/{good}" if good is not None else "none (no checkpoint yet)")
-                )
+            return state, metrics, {}
+
+        def derive(m: dict[str, float], dt: float) -> dict[str, float]:
+            m = dict(m, step_time=dt, images_per_s=batch_size / dt)
             m["psnr_hybrid" if m["continuous"] else "psnr_discrete"] = m["psnr"]
-            m["step_time"] = dt
-            m["images_per_s"] = int(c.train.batch_size) / dt
-            last = dict(m, step=step + 1)
-            if ids_log is not None:
-                ids_log.write(json.dumps({"step": step + 1, "ids": [int(i) for i in np.asarray(local["id"])]}) + "\n")
-                ids_log.flush()
-            if writer is not None and ((step + 1) % int(c.log.every_steps) == 0 or step + 1 == num_steps):
-                writer.scalars(step + 1, {f"train/{k}": v for k, v in m.items()})
-                writer.flush()
-            bar.update(1, loss=m["loss"], rec=m["rec"], psnr=m["psnr"], d=m["d"])
-            checkpointing.save(mngr, step + 1, state, data_iter, meta, force=step + 1 == num_steps)
-            if int(c.train.sigkill_at_step) == step + 1:
-                mngr.wait_until_finished()
-                if ids_log is not None:
-                    ids_log.close()
-                os.kill(os.getpid(), signal.SIGKILL)
-    finally:
-        mngr.wait_until_finished()
-        mngr.close()
-        bar.close()
-        if writer is not None:
-            writer.close()
-        if ids_log is not None and not ids_log.closed:
-            ids_log.close()
-    return last
+            return m
+
+        task = run_control.LoopTask(
+            step=one_step, derive=derive, bar_keys=("loss", "rec", "psnr", "d"),
+            nonfinite_keys=("loss", "grad_norm", "d", "d_grad_norm"),
+        )
+        meta = {"config": json.loads(c.to_json_best_effort()), "resolution": comp.resolution, "task": "tokenizer"}
+        return run_control.run_loop(c, workdir, mngr, data_iter, state, task, meta, guard)
