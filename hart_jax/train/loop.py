@@ -26,7 +26,7 @@ import optax
 
 from hart_jax.errors import HartError
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
-from hart_jax.models.transformer import HARTTransformer, T2IConfig
+from hart_jax.models.transformer import REMAT_POLICIES, HARTTransformer, T2IConfig
 from hart_jax.train import checkpointing
 from hart_jax.train.metrics import EventWriter, Progress
 from hart_jax.train.objective import FrozenModels, ObjectiveConfig, keep_count
@@ -194,7 +194,11 @@ def build(config: Any, devices: Any = None) -> Components:
             f"train.batch_size={bs} must split into grad_accum={accum} micro-batches each divisible by the "
             f"{div} batch shards of the mesh {dict(mesh.shape)}"
         )
-    model = HARTTransformer(tcfg, dtype=DTYPES[config.compute_dtype])
+    remat = str(config.train.get("remat", "none"))
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"train.remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+    log.info("block rematerialisation (train.remat): %s", remat)
+    model = HARTTransformer(tcfg, dtype=DTYPES[config.compute_dtype], remat=remat)
     tok_model, tok_vars = _tokenizer(config, tcfg)
     text_model, text_params, text_tok, prefix = None, None, None, None
     if not tcfg.is_c2i and config.data.context == "prompt":
@@ -228,10 +232,10 @@ def build(config: Any, devices: Any = None) -> Components:
 
 
 def _init_params_from(path: str) -> Any:
-    from hart_jax.checkpoint import load_converted
+    from hart_jax.loading import load_transformer
 
-    _, variables = load_converted(path, kind="transformer")
-    return variables["params"] if "params" in variables else variables
+    _, variables = load_transformer(path)
+    return variables["params"]
 
 
 def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
