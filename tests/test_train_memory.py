@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 
 from configs.train import get_config
-from hart_jax.train.loop import memory_report
+from hart_jax.train.memory import memory_report
 
 
 def test_0p7b_state_is_divided_by_fsdp():

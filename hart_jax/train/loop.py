@@ -272,6 +272,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     meta = {"config": json.loads(c.to_json_best_effort()), "resolution": comp.resolution}
     if primary:
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+        print(f"train.remat={comp.model.remat} (block rematerialisation)", flush=True)
     writer = EventWriter(workdir / "tensorboard") if (primary and c.log.tensorboard) else None
     bar = Progress(num_steps, start, bool(c.log.progress) and primary)
     ids_log = open(workdir / "example_ids.jsonl", "a") if (primary and c.log.example_ids) else None
@@ -325,21 +326,4 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     return last
 
 
-def memory_report(config: Any, devices: Any = None) -> dict[str, Any]:
-    """Per-device bytes of params + optimizer state + EMA under the config's mesh and rules
-    (shapes only: nothing is allocated or compiled)."""
-    from hart_jax.train.sharding import per_device_bytes, total_bytes
-
-    tcfg = _model_config(config)
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-    rules = [tuple(r) if not isinstance(r[1], (list, tuple)) else (r[0], tuple(r[1])) for r in config.mesh.rules]
-    tx = make_optimizer(config.optim, make_schedule(config.optim, int(config.train.num_steps)))
-    st = abstract_state(HARTTransformer(tcfg), tx)
-    sh = tree_shardings(st, mesh, rules)
-    out: dict[str, Any] = {"mesh": dict(mesh.shape), "num_params": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(st.params)))}
-    for name in ("params", "opt_state", "ema_params"):
-        out[f"{name}_total_bytes"] = total_bytes(getattr(st, name))
-        out[f"{name}_per_device_bytes"] = per_device_bytes(getattr(st, name), getattr(sh, name))
-    out["total_bytes"] = total_bytes(st)
-    out["per_device_bytes"] = per_device_bytes(st, sh)
-    return out
+from hart_jax.train.memory import memory_report  # noqa: E402,F401  (moved; kept importable from here)
