@@ -4,10 +4,10 @@ only) and the compiled step's ``memory_analysis()`` (lowered on abstract state, 
     python -m hart_jax.train.memory --config configs/train.py:hart_0p7b_1024 --batch 16 --remat full \
         [--devices 8 --mesh 1,8,1] [--gpu-gib 141] [--n-keep N] [--attention pallas|xla] [--images]
 
-The step is compiled for the host CPU (``--devices N`` fakes N CPU devices; the mesh's
-FSDP/tensor split then holds for them as for N GPUs). Attention is the fused Pallas kernel
-run by the interpreter by default (the GPU training path, whose memory grows with the sequence,
-not its square); ``--attention xla`` compiles the dense path instead. Tokens: the preset's
+The step is compiled for JAX's default backend: on the host CPU ``--devices N`` fakes N CPU
+devices (the mesh's FSDP/tensor split then holds for them as for N GPUs). Attention is the
+fused Pallas kernel by default (on CPU run by the interpreter; the GPU training path, whose
+memory grows with the sequence, not its square); ``--attention xla`` compiles the dense path instead. Tokens: the preset's
 largest kept last-scale count under token dropping (``--n-keep`` overrides); the batch holds
 precomputed tokenizer codes unless ``--images`` (then the frozen tokenizer encodes images in
 the step). ``peak`` = arguments + outputs - aliased (donated) + temporaries, compared with
@@ -184,7 +184,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except RuntimeError as e:
             print(f"error: --devices {args.devices}: {e}", file=sys.stderr)
             return 2
-    jax.config.update("jax_platforms", "cpu")
     try:
         c = load_config(args.config)
         if c.get("task", "transformer") != "transformer":
@@ -200,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise HartError(f"--mesh {args.mesh!r}: expected three integers data,fsdp,tensor") from None
         c.data.codes = not args.images
         c.model.attention_impl = args.attention
-        if args.attention == "pallas":
+        if args.attention == "pallas" and jax.default_backend() == "cpu":
             from hart_jax.attention import set_pallas_interpret
 
             set_pallas_interpret(True)
