@@ -85,9 +85,15 @@ def max_keep(config: Any, n_last: int) -> int:
     return int(min(n_last, -(-k // q) * q))
 
 
-def step_memory(config: Any, *, n_keep: int | None = None, devices: Any = None) -> dict[str, Any]:
+def step_memory(
+    config: Any, *, n_keep: int | None = None, devices: Any = None, unrolled: bool = False
+) -> dict[str, Any]:
     """Compile the config's training step on abstract state and batch; return the per-device
-    bytes of ``memory_analysis()`` plus the state's (see the module docstring)."""
+    bytes of ``memory_analysis()`` plus the state's and the compile seconds (see the module
+    docstring). ``unrolled``: the blocks as a Python loop (the reference form, no remat)."""
+    import dataclasses
+    import time
+
     import jax
     import numpy as np
 
@@ -95,6 +101,8 @@ def step_memory(config: Any, *, n_keep: int | None = None, devices: Any = None) 
     from hart_jax.train.sharding import per_device_bytes, tree_shardings
 
     comp = build(config, devices)
+    if unrolled:
+        comp = dataclasses.replace(comp, model=comp.model.clone(unroll_blocks=True, remat="none"))
     n_keep = int(n_keep or max_keep(config, comp.n_last))
     abstract = comp.abstract_state()
     shardings = tree_shardings(abstract, comp.mesh, comp.rules)
@@ -102,10 +110,12 @@ def step_memory(config: Any, *, n_keep: int | None = None, devices: Any = None) 
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)
              for (k, v), sh in ((kv, _batch_sharding(comp)) for kv in _batch_shapes(comp).items())}
     step = comp.make_step(shardings)
+    t0 = time.perf_counter()
     compiled = step.lower(state, batch, comp.frozen_params, n_keep).compile()
+    compile_s = time.perf_counter() - t0
     m = compiled.memory_analysis()
     out = {
-        "remat": comp.model.remat, "batch": int(config.train.batch_size), "n_keep": n_keep,
+        "remat": comp.model.remat, "unrolled": bool(unrolled), "compile_s": round(compile_s, 1), "batch": int(config.train.batch_size), "n_keep": n_keep,
         "attention_impl": comp.tcfg.attention_impl, "compute_dtype": str(config.compute_dtype),
         "codes": bool(config.data.codes), "mesh": dict(comp.mesh.shape), "devices": int(comp.mesh.size),
         "state_bytes": per_device_bytes(abstract, shardings),
@@ -149,11 +159,12 @@ def format_report(r: dict[str, Any], gpu_gib: float) -> str:
     g = lambda n: f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"  # noqa: E731
     fits = r["peak_bytes"] <= gpu_gib * GIB
     return "\n".join([
-        f"remat={r['remat']} batch={r['batch']} n_keep={r['n_keep']} mesh={r['mesh']} "
+        f"remat={r['remat']}{' (blocks unrolled)' if r.get('unrolled') else ''} batch={r['batch']} n_keep={r['n_keep']} mesh={r['mesh']} "
         f"attention={r['attention_impl']} dtype={r['compute_dtype']} codes={r['codes']} params={r['num_params']:,}",
         f"per device: temporaries {g(r['temp_bytes'])}, arguments {g(r['argument_bytes'])}, "
         f"outputs {g(r['output_bytes'])} (aliased {g(r['alias_bytes'])}), state {g(r['state_bytes'])}",
-        f"peak {g(r['peak_bytes'])} {'fits' if fits else 'does NOT fit'} in {gpu_gib:g} GiB",
+        f"peak {g(r['peak_bytes'])} {'fits' if fits else 'does NOT fit'} in {gpu_gib:g} GiB "
+        f"(compiled in {r.get('compile_s', 0):.0f} s)",
     ])
 
 
@@ -169,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["pallas", "xla"], default="pallas")
     p.add_argument("--images", action="store_true", help="images through the frozen tokenizer in the step")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory to compare the peak with")
+    p.add_argument("--unrolled", action="store_true", help="the blocks as a Python loop (reference; no remat)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -204,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             set_pallas_interpret(True)
         try:
-            r = step_memory(c, n_keep=args.n_keep or None)
+            r = step_memory(c, n_keep=args.n_keep or None, unrolled=args.unrolled)
         except ValueError as e:
             raise HartError(str(e)) from None
     except HartError as e:
