@@ -15,6 +15,10 @@ else (CPU) the measured throughput of a large fp32 matmul on this machine.
 
     python -m bench.train_bench                                  # tiny_t2i on CPU
     python -m bench.train_bench --preset hart_0p7b_1024 --batch 8 --codes --n-keep 1024   # one GPU
+    python -m bench.train_bench --preset hart_0p7b_1024 --batch 16 --codes --remat full   # remat policy
+
+``--remat`` (none | dots | full) overrides the preset's ``train.remat`` (block
+rematerialisation; docs/training.md has each policy's compiled memory).
 """
 
 from __future__ import annotations
@@ -91,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
     ap.add_argument("--peak-tflops", type=float, default=0.0)
     ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--remat", choices=["none", "dots", "full"], default=None,
+                    help="block rematerialisation (default: the preset's train.remat)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
 
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     c.train.batch_size = args.batch
     c.train.grad_accum = args.grad_accum
     c.data.codes = bool(args.codes)
+    if args.remat:
+        c.train.remat = args.remat
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     if args.dtype:
         c.compute_dtype = args.dtype
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, comp.frozen_params, n_keep).compile()
     compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokens = comp.tokens_per_step(n_keep)
     res = {
         "preset": args.preset, "device": f"{kind} x{len(jax.devices())}", "platform": platform.processor() or platform.machine(),
-        "jax": jax.__version__, "batch": args.batch, "n_keep": n_keep, "codes": bool(args.codes),
+        "jax": jax.__version__, "batch": args.batch, "remat": comp.model.remat, "n_keep": n_keep, "codes": bool(args.codes),
         "compute_dtype": c.compute_dtype, "compile_s": round(compile_s, 2), "step_ms": round(step_s * 1e3, 2),
         "step_ms_repeats": [round(x * 1e3, 2) for x in per_step], "tokens_per_step": tokens,
         "tokens_per_s": round(tokens / step_s, 1), "images_per_s": round(args.batch / step_s, 2),
@@ -149,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_tflops": round(peak / 1e12, 3), "peak_source": peak_src,
         "mfu": round(flops / step_s / peak, 4), "xla_flops_utilization": round(xla_flops / step_s / peak, 4),
         "loss": float(m["loss"]),
+        "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2) if mem is not None else None,
     }
     print(json.dumps(res, indent=2))
     if args.out:

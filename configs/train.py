@@ -95,6 +95,7 @@ def _base(model: dict, tokenizer: str, kind: str) -> ml_collections.ConfigDict:
     c.train.batch_size = 256  # global, per optimizer step
     c.train.grad_accum = 1
     c.train.num_steps = 100_000
+    c.train.remat = "none"  # rematerialise each block: "none" | "dots" (keep matmul outputs) | "full"
     c.train.sigkill_at_step = -1  # testing: SIGKILL this process after this step (pending saves finished)
     c.train.sigterm_at_step = -1  # testing: send this process SIGTERM after this step (a preemption)
 
@@ -269,6 +270,7 @@ def get_config(preset: str = "tiny_t2i") -> ml_collections.ConfigDict:
         })
     if preset == "hart_0p7b_1024":
         c = _base(tr_presets.PRESETS["hart_0p7b_1024"], "hart_0p7b_1024", "t2i")
+        c.train.remat = "full"  # docs/training.md: memory per remat policy
         c.mesh.fsdp = -1
         c.mesh.data = 1
     elif preset in ("hart_c2i_d20", "hart_c2i_d24", "hart_c2i_d30"):
@@ -276,6 +278,7 @@ def get_config(preset: str = "tiny_t2i") -> ml_collections.ConfigDict:
         c.tokenizer.v_patch_nums = tr_presets.VAR_256
         c.data.name = "imagenet2012"
         c.objective.keep_quantum = 32
+        c.train.remat = "full"
         c.mesh.fsdp = -1
         c.mesh.data = 1
     else:

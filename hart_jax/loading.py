@@ -13,6 +13,8 @@ the converters (``hart_jax.convert``) write through the same functions:
   ``discriminator_extras`` / ``load_discriminator``.
 - pipeline directory (kind ``pipeline``): the parts ``tokenizer/``, ``transformer/``,
   ``text_encoder/`` and its own marker; ``write_pipeline_marker``.
+- transformer (kind ``transformer``): ``load_transformer`` stacks a directory written in the
+  per-block layout (``blocks_0 .. blocks_{X-1}``, before the blocks were one stack) on load.
 """
 
 from __future__ import annotations
@@ -38,6 +40,25 @@ from hart_jax.checkpoint import (
 from hart_jax.errors import CheckpointError
 from hart_jax.models.discriminator import DiscriminatorConfig
 from hart_jax.models.text_encoder import Qwen2Config
+
+# ------------------------------------------------------------------- transformer
+TRANSFORMER_KIND = "transformer"
+
+
+def load_transformer(ckpt_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config dict, {"params": ...})`` of a converted transformer directory, the blocks in
+    the stacked layout ``blocks/... [X, ...]`` whichever layout the directory holds."""
+    from hart_jax.models.transformer import stack_blocks
+
+    d = Path(ckpt_dir)
+    config, variables = load_converted(d, kind=TRANSFORMER_KIND)
+    params = variables["params"] if "params" in variables else variables
+    try:
+        params = stack_blocks(params, config.get("depth"))
+    except ValueError as e:
+        raise CheckpointError(f"{d}: {e}") from None
+    return config, {**variables, "params": params}
+
 
 # ------------------------------------------------------------------ text encoder
 TEXT_ENCODER_KIND = "text_encoder"

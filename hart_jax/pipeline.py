@@ -38,7 +38,7 @@ from hart_jax.attention import resolve_impl
 from hart_jax.checkpoint import MARKER, load_converted, read_marker
 from hart_jax.compile_cache import CacheSetting, enable_compile_cache
 from hart_jax.errors import CheckpointError
-from hart_jax.loading import PIPELINE_KIND, PIPELINE_PARTS, write_pipeline_marker
+from hart_jax.loading import PIPELINE_KIND, PIPELINE_PARTS, load_transformer, write_pipeline_marker
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
 from hart_jax.models.transformer import HARTTransformer, T2IConfig
 from hart_jax.sampling import InjectedNoise, SamplingConfig, sample_images
@@ -157,7 +157,7 @@ class HARTPipeline:
         d = check_pipeline_dir(ckpt_dir)
         tok_cfg_d, tok_vars = load_converted(d / "tokenizer", kind="tokenizer")
         tok_cfg = TokenizerConfig.from_hf_dict(tok_cfg_d, source=str(d / "tokenizer" / "config.json"))
-        t2i_cfg_d, t2i_vars = load_converted(d / "transformer", kind="transformer")
+        t2i_cfg_d, t2i_vars = load_transformer(d / "transformer")
         t2i_cfg = T2IConfig.from_hf_dict(
             t2i_cfg_d, vocab_size=t2i_cfg_d["vocab_size"], z_channels=t2i_cfg_d["z_channels"],
             source=str(d / "transformer" / "config.json"),

@@ -42,8 +42,9 @@ class SamplingConfig:
     applies to every scale (0 disables). ``greedy`` takes the argmax instead of
     sampling (parity checks). ``stale_last_ratio=False`` uses ``t = cfg`` at the last
     scale instead of the release's reused ``(N-2)/(N-1)`` ratio. ``scan_layers`` runs
-    the blocks of each stage in a ``lax.scan`` (one block body to compile instead of
-    depth x stages copies; same numbers).
+    the blocks of each stage in a ``fori_loop`` indexing the stacked block params (one
+    block body to compile instead of depth x stages copies; same numbers); without it
+    each block is unrolled on its slice of the stack.
     """
 
     top_k: int | None = None

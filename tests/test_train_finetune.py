@@ -72,5 +72,5 @@ def test_finetune_from_converted(tmp_path):
     c2 = config(1)
     c2.model.depth = 2
     comp2 = loop.build(c2, devices=jax.devices()[:1])
-    with pytest.raises(ValueError, match="missing blocks_1/attn/proj/kernel"):
+    with pytest.raises(ValueError, match=r"blocks/attn/proj/kernel: shape \(\d+, .* != \(2, "):
         comp2.create_state(loaded)

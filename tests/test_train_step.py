@@ -72,8 +72,8 @@ def test_sharded_step_matches_single_device(single, mesh_kw, impl):
         comp, state, hist, shardings = run_steps(mesh_kw, jax.devices(), model__attention_impl=impl)
     assert comp.tcfg.attention_impl == impl
     # the mesh really shards: FSDP splits the big kernels, TP the MLP
-    spec = shardings.params["blocks_0"]["ffn"]["gate_proj"]["kernel"].spec
-    assert spec[0] == "fsdp" and (mesh_kw["tensor"] == 1 or spec[1] == "tensor"), spec
+    spec = shardings.params["blocks"]["ffn"]["gate_proj"]["kernel"].spec  # [X, C, I]: the layer axis whole
+    assert spec[0] is None and spec[1] == "fsdp" and (mesh_kw["tensor"] == 1 or spec[2] == "tensor"), spec
     for m, ref_m in zip(hist, ref_hist):  # step 2's loss depends on step 1's update
         for k in ("loss", "ce", "diff", "grad_norm", "update_norm"):
             assert abs(m[k] - ref_m[k]) <= 1e-5 * max(1.0, abs(ref_m[k])), (k, m[k], ref_m[k])
@@ -136,7 +136,7 @@ def test_release_init_rules(single):
     p = comp.initial.params
     assert np.all(p["head"]["bias"] == 0) and np.std(p["head"]["kernel"]) < 0.02 * 0.02 * 1.2
     assert np.allclose(p["diffloss"]["net"]["final_layer"]["linear"]["kernel"], 0)
-    assert np.all(p["blocks_0"]["ln_wo_grad"]["scale"] == 1)
-    s = np.std(p["blocks_0"]["attn"]["proj"]["kernel"])
+    assert np.all(p["blocks"]["ln_wo_grad"]["scale"] == 1)
+    s = np.std(p["blocks"]["attn"]["proj"]["kernel"])
     assert abs(s - 0.02 / math.sqrt(2 * comp.tcfg.depth)) < 0.003
-    np.testing.assert_array_equal(p["blocks_0"]["attn"]["q_bias"], 0)
+    np.testing.assert_array_equal(p["blocks"]["attn"]["q_bias"], 0)

@@ -78,7 +78,8 @@ def teacher(fx):
         )
 
     (logits, h_last, cond), inter = fwd(fx["tv"])
-    blocks = [inter["intermediates"][f"blocks_{i}"]["__call__"][0] for i in range(fx["cfg"].depth)]
+    stacked = inter["intermediates"]["blocks"]["__call__"][0][0]  # the scanned blocks' outputs [X, B, L, C]
+    blocks = [stacked[i] for i in range(fx["cfg"].depth)]
     return dict(logits=logits, h_last=h_last, blocks=blocks, kept=kept)
 
 

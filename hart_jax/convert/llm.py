@@ -5,6 +5,10 @@ weights), else ``model.safetensors`` / ``pytorch_model.bin`` (with a warning). B
 (``lvl_1L``, ``attn_bias_for_masking``, ``*.zero_k_bias``, RoPE ``inv_freq``) are
 dropped: they are recomputed. ``vocab_size`` and ``z_channels`` come from the sibling
 tokenizer's ``config.json`` when present, else from the weight shapes.
+
+The release's per-block keys ``blocks.{i}.*`` map onto row ``i`` of the stacked block
+parameters ``blocks/...`` ``[X, ...]``: the table is applied against the per-block view
+(``blocks_{i}/...``, the names its reports use) and the result is stacked.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from hart_jax.convert.diffusion_head import diffusion_head_rules, timestep_embed
 from hart_jax.convert.table import Rule, apply_table, dense_rules, norm_rules
 from hart_jax.convert.torch_io import find_weight_file, load_state_dict, read_json
 from hart_jax.errors import CheckpointError, ConversionError
-from hart_jax.models.transformer import HARTTransformer, T2IConfig, abstract_params, init_inputs
+from hart_jax.models.transformer import (
+    HARTTransformer,
+    T2IConfig,
+    abstract_params,
+    init_inputs,
+    stack_blocks,
+    unstack_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +41,8 @@ EMA_FILE = "ema_model.bin"
 
 
 def llm_rules() -> list[Rule]:
-    """The full PyTorch -> Flax table of the transformer (all variants)."""
+    """The full PyTorch -> Flax table of the transformer (all variants), block ``i`` onto the
+    per-block view ``blocks_{i}`` (row ``i`` of the stacked ``blocks``)."""
     b = "blocks.{i}"
     f = "blocks_{i}"
     return (
@@ -133,11 +145,13 @@ def pick_llm_weights(src_dir: str | os.PathLike, use_ema: bool = True) -> Path:
 def convert_llm_state(
     state: Mapping[str, Any], cfg: T2IConfig, *, source: str = "llm", shapes_only: bool = False
 ) -> dict[str, Any]:
-    """Map a ``HARTForT2I`` state dict onto the Flax params of ``cfg``."""
+    """Map a ``HARTForT2I`` state dict onto the Flax params of ``cfg`` (blocks stacked)."""
     check_variant_flags(state, cfg, source)
-    return apply_table(
-        state, llm_rules(), abstract_params(cfg), ignore=IGNORE, source=source, shapes_only=shapes_only
+    per_block = apply_table(
+        state, llm_rules(), unstack_blocks(abstract_params(cfg)), ignore=IGNORE, source=source,
+        shapes_only=shapes_only,
     )
+    return stack_blocks(per_block, cfg.depth)
 
 
 def convert_llm(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -345,8 +346,9 @@ class Block(nn.Module):
         return x + self.ffn(n(x) * (s2 + 1) + b2) * g2
 
     def __call__(self, x_BLC, cos, sin, levels_BL, cond, mask_BT):
-        """Full sequence with the level mask."""
-        return self._mix(x_BLC, lambda h: self.attn(h, cos, sin, levels_BL), self.modulation(cond, mask_BT))
+        """Full sequence with the level mask; returns ``(x, None)`` (the ``nn.scan`` body form:
+        carry out, nothing stacked)."""
+        return self._mix(x_BLC, lambda h: self.attn(h, cos, sin, levels_BL), self.modulation(cond, mask_BT)), None
 
     def cached(self, x_BlC, cos, sin, cache, offset, cond, mask_BT, layer=None):
         """One scale against the KV cache; returns ``(x, new_cache)`` (see ``Attention.cached``)."""
@@ -358,6 +360,79 @@ class Block(nn.Module):
 
         x = self._mix(x_BlC, attn_fn, self.modulation(cond, mask_BT))
         return x, box["cache"]
+
+
+REMAT_POLICIES = ("none", "dots", "full")
+
+
+def remat_policy(name: str) -> Any:
+    """``jax.checkpoint`` policy of a ``train.remat`` value: ``dots`` saves the matmul outputs
+    without batch dimensions (recomputes the rest), ``full`` saves nothing (recomputes the block)."""
+    if name == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {name!r}")
+
+
+def block_stack(cfg: T2IConfig, dtype: Dtype, precision: PrecisionLike, remat: str) -> nn.Module:
+    """The ``X`` blocks as one ``nn.scan`` over ``Block``: every parameter gets a leading depth
+    axis ``[X, ...]``; ``remat`` ("none" | "dots" | "full") rematerialises each block."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+    body = Block if remat == "none" else nn.remat(Block, policy=remat_policy(remat), prevent_cse=False)
+    scanned = nn.scan(
+        body,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,) * 5,
+        length=cfg.depth,
+    )
+    return scanned(cfg, dtype, precision)
+
+
+def block_params(stacked: Any, i: Any) -> Any:
+    """Block ``i``'s parameters (static or traced index) from the stacked ``[X, ...]`` tree."""
+    return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked)
+
+
+def stack_blocks(params: Mapping[str, Any], depth: int | None = None) -> dict[str, Any]:
+    """Params in the per-block layout ``blocks_0 .. blocks_{X-1}`` (checkpoints written before the
+    blocks were stacked) -> the stacked layout ``blocks: [X, ...]``; other trees pass through.
+    Host (numpy) leaves stay numpy."""
+    names = sorted((k for k in params if re.fullmatch(r"blocks_\d+", str(k))), key=lambda k: int(k[7:]))
+    if not names:
+        return dict(params)
+    if "blocks" in params:
+        raise ValueError("params hold both the stacked 'blocks' and per-block 'blocks_<i>' entries")
+    found = [int(k[7:]) for k in names]
+    n = len(names) if depth is None else depth
+    if found != list(range(n)):
+        raise ValueError(f"per-block params {names} are not blocks_0..blocks_{n - 1}")
+    out = {k: v for k, v in params.items() if k not in names}
+    out["blocks"] = jax.tree_util.tree_map(_stack_leaves, *[params[k] for k in names])
+    return out
+
+
+def _stack_leaves(*leaves: Any) -> Any:
+    if isinstance(leaves[0], jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(leaves),) + tuple(leaves[0].shape), leaves[0].dtype)
+    return np.stack([np.asarray(x) for x in leaves])
+
+
+def unstack_blocks(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The stacked layout -> per-block ``blocks_<i>`` entries (inverse of ``stack_blocks``;
+    leaves may be arrays or ``ShapeDtypeStruct``s)."""
+    if "blocks" not in params:
+        return dict(params)
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    leaves, tree = jax.tree_util.tree_flatten(params["blocks"])
+    depth = leaves[0].shape[0]
+    for i in range(depth):
+        out[f"blocks_{i}"] = jax.tree_util.tree_unflatten(
+            tree, [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x[i] for x in leaves]
+        )
+    return out
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -388,11 +463,18 @@ class HARTTransformer(nn.Module):
       ``logits``: head over hidden states; ``diffusion_condition``; ``level_embedding``.
     The tokenizer codebook ``[V, Z]`` is passed in where needed (it is not a parameter
     of this model, as in the release).
+
+    The blocks' parameters are one stack ``params["blocks"]`` with a leading depth axis ``X``
+    (``block_stack``). ``remat`` ("none" | "dots" | "full") rematerialises each block of the
+    training forward; ``unroll_blocks`` runs that forward as a Python loop over slices of the
+    stack instead of the scan (the reference form; same parameters, same values).
     """
 
     cfg: T2IConfig
     dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
+    remat: str = "none"
+    unroll_blocks: bool = False
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -412,7 +494,7 @@ class HARTTransformer(nn.Module):
             self.lvl_embed = TimestepEmbedder(c, precision=self.precision)
         else:
             self.lvl_embed = nn.Embed(cfg.num_scales, c)
-        self.blocks = [Block(cfg, **kw) for _ in range(cfg.depth)]
+        self.blocks = block_stack(cfg, self.dtype, self.precision, self.remat)
         self.head_nm = AdaLNBeforeHead(cfg, precision=self.precision)
         self.head = nn.Dense(cfg.vocab_size, precision=self.precision)
         self.decoder_norm = RMSNorm(cfg.norm_eps)
@@ -513,11 +595,21 @@ class HARTTransformer(nn.Module):
             c2, s2 = rope_2d(vis_pos, hd, cfg.rope_theta, cfg.rope_2d)
             cos, sin = jnp.concatenate([c1, c2], 1), jnp.concatenate([s1, s2], 1)
         levels_BL = jnp.broadcast_to(levels[None], (b, levels.shape[0]))
-        x = x.astype(self.dtype)
-        for blk in self.blocks:
-            x = blk(x, cos, sin, levels_BL, cond, context_mask)
+        x = self._run_blocks(x.astype(self.dtype), cos, sin, levels_BL, cond, context_mask)
         logits = self.logits(x[:, cfg.first_l - 1 :], cond)
         return logits, x[:, x.shape[1] - k :], cond
+
+    def _run_blocks(self, x_BLC, cos, sin, levels_BL, cond, mask_BT) -> jax.Array:
+        """All blocks over the full sequence: the scanned stack, or (``unroll_blocks``) a loop
+        applying one ``Block`` to each slice of the stack."""
+        if self.unroll_blocks and not self.is_initializing():
+            blk = Block(self.cfg, self.dtype, self.precision, parent=None)
+            stacked = self.variables["params"]["blocks"]
+            for i in range(self.cfg.depth):
+                x_BLC, _ = blk.apply({"params": block_params(stacked, i)}, x_BLC, cos, sin, levels_BL, cond, mask_BT)
+            return x_BLC
+        x_BLC, _ = self.blocks(x_BLC, cos, sin, levels_BL, cond, mask_BT)
+        return x_BLC
 
     # ---------------------------------------------------------- sampling
     def stage(
@@ -532,10 +624,10 @@ class HARTTransformer(nn.Module):
         """Run scale ``si``'s input tokens (level embedding included) through every block
         against the KV caches; returns the final hidden states and the new caches.
 
-        ``caches``: a list of per-block ``(k, v)`` ``[B, K, A, D]`` (blocks unrolled),
-        or one stacked ``(K, V)`` pair ``[X, B, K, A, D]`` (blocks run in a
-        ``fori_loop`` over stacked block params: one block body to compile, the caches
-        updated in place).
+        ``caches``: a list of per-block ``(k, v)`` ``[B, K, A, D]`` (blocks unrolled, each
+        a slice of the stacked block params), or one stacked ``(K, V)`` pair ``[X, B, K, A, D]``
+        (blocks run in a ``fori_loop`` indexing the stack: one block body to compile, the
+        caches updated in place).
         """
         cfg = self.cfg
         b = x_BlC.shape[0]
@@ -550,26 +642,25 @@ class HARTTransformer(nn.Module):
             pos = self._visual_positions(cfg.patch_nums[si : si + 1], context_position_ids[:, -1])
             cos, sin = rope_2d(pos, hd, cfg.rope_theta, cfg.rope_2d)
         x = x_BlC.astype(self.dtype)
+        blk = Block(cfg, self.dtype, self.precision, parent=None)
+        stacked = self.variables["params"]["blocks"]
         if isinstance(caches, tuple):
-            blk = Block(cfg, self.dtype, self.precision, parent=None)
-            params = self.variables["params"]
-            stacked = jax.tree_util.tree_map(
-                lambda *a: jnp.stack(a), *[params[f"blocks_{i}"] for i in range(cfg.depth)]
-            )
 
             def body(i, carry):
                 x, kc, vc = carry
-                p = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked)
                 x, (kc, vc) = blk.apply(
-                    {"params": p}, x, cos, sin, (kc, vc), offset, cond, context_mask, i, method=Block.cached
+                    {"params": block_params(stacked, i)}, x, cos, sin, (kc, vc), offset, cond, context_mask, i,
+                    method=Block.cached,
                 )
                 return x, kc, vc
 
             x, kc, vc = jax.lax.fori_loop(0, cfg.depth, body, (x, caches[0], caches[1]))
             return x, (kc, vc)
         new = []
-        for blk, cache in zip(self.blocks, caches):
-            x, c = blk.cached(x, cos, sin, cache, offset, cond, context_mask)
+        for i, cache in enumerate(caches):
+            x, c = blk.apply(
+                {"params": block_params(stacked, i)}, x, cos, sin, cache, offset, cond, context_mask, method=Block.cached
+            )
             new.append(c)
         return x, new
 
@@ -587,9 +678,7 @@ class HARTTransformer(nn.Module):
         x = self.word_embed(jnp.zeros((1, 1, cfg.z_channels), jnp.float32)) + self.level_embedding()[:1]
         cos, sin = rope_1d(jnp.zeros((1, 1), jnp.int32), cfg.head_dim, cfg.rope_theta)
         levels_BL = jnp.zeros((1, 1), jnp.int32)
-        x = x.astype(self.dtype)
-        for blk in self.blocks:
-            x = blk(x, cos, sin, levels_BL, cond, mask_BT)
+        x, _ = self.blocks(x.astype(self.dtype), cos, sin, levels_BL, cond, mask_BT)
         self.logits(x, cond)
         z = self.diffusion_condition(x, jnp.zeros((1, 1, cfg.z_channels), x.dtype))
         self.diffloss.net(jnp.zeros((1, cfg.z_channels), jnp.float32), jnp.zeros((1,), jnp.int32), z.reshape(1, -1))

@@ -196,7 +196,8 @@ def _aside(directory: Path, step: int) -> Path:
 
 def load_ema_params(workdir: str | os.PathLike, step: int | None = None, *, ema: bool = True) -> tuple[int, Any]:
     """``(step, params)`` of a training run for sampling: the EMA params by default,
-    the raw params with ``ema=False`` (host arrays, no optimizer state read)."""
+    the raw params with ``ema=False`` (host arrays, no optimizer state read); transformer
+    blocks saved per block (``blocks_<i>``) come back stacked."""
     d = Path(workdir).absolute() / "checkpoints"
     if not d.is_dir():
         raise CheckpointError(f"{workdir}: no checkpoints/ directory (not a training workdir?)")
@@ -205,4 +206,6 @@ def load_ema_params(workdir: str | os.PathLike, step: int | None = None, *, ema:
     if step is None:
         raise CheckpointError(f"{d}: no complete checkpoint")
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    return step, restored["ema_params" if ema else "params"]
+    from hart_jax.models.transformer import stack_blocks  # runs saved with per-block params load stacked
+
+    return step, stack_blocks(restored["ema_params" if ema else "params"])

@@ -102,7 +102,7 @@ def export_transformer(
     """Write a transformer run's (EMA) params as a converted transformer directory
     (``config.json`` = ``T2IConfig.to_hf_dict()``, as ``python -m hart_jax.convert llm``)."""
     from hart_jax.checkpoint import save_converted
-    from hart_jax.models.transformer import T2IConfig, abstract_params
+    from hart_jax.models.transformer import T2IConfig, abstract_params, stack_blocks
     from hart_jax.train.state import check_params_like
 
     if Path(out_dir).exists() and not force:
@@ -114,7 +114,7 @@ def export_transformer(
     md["patch_nums"] = tuple(int(p) for p in md["patch_nums"])
     try:
         tcfg = T2IConfig(**md)
-        params = state["ema_params" if ema else "params"]
+        params = stack_blocks(state["ema_params" if ema else "params"], tcfg.depth)  # runs saved per-block too
         check_params_like(params, abstract_params(tcfg))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{workdir} step {step}: {e}") from None

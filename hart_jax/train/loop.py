@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
-from hart_jax.models.transformer import HARTTransformer, T2IConfig
+from hart_jax.models.transformer import REMAT_POLICIES, HARTTransformer, T2IConfig
 from hart_jax.train import checkpointing, run_control
 from hart_jax.train.objective import FrozenModels, ObjectiveConfig, keep_count
 from hart_jax.train.run_control import TrainingDiverged  # noqa: F401 (re-exported)
@@ -187,7 +187,11 @@ def build(config: Any, devices: Any = None) -> Components:
             f"train.batch_size={bs} must split into grad_accum={accum} micro-batches each divisible by the "
             f"{div} batch shards of the mesh {dict(mesh.shape)}"
         )
-    model = HARTTransformer(tcfg, dtype=DTYPES[config.compute_dtype])
+    remat = str(config.train.get("remat", "none"))
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"train.remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+    log.info("block rematerialisation (train.remat): %s", remat)
+    model = HARTTransformer(tcfg, dtype=DTYPES[config.compute_dtype], remat=remat)
     tok_model, tok_vars = _tokenizer(config, tcfg)
     text_model, text_params, text_tok, prefix = None, None, None, None
     if not tcfg.is_c2i and config.data.context == "prompt":
@@ -221,10 +225,10 @@ def build(config: Any, devices: Any = None) -> Components:
 
 
 def _init_params_from(path: str) -> Any:
-    from hart_jax.checkpoint import load_converted
+    from hart_jax.loading import load_transformer
 
-    _, variables = load_converted(path, kind="transformer")
-    return variables["params"] if "params" in variables else variables
+    _, variables = load_transformer(path)
+    return variables["params"]
 
 
 def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -262,6 +266,8 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
                 state, shardings = comp.create_state(init_params)
             elif primary:
                 print(f"resumed from {workdir}/checkpoints/{step0}", flush=True)
+            if primary:
+                print(f"train.remat={comp.model.remat} (block rematerialisation)", flush=True)
             step_fn = comp.make_step(shardings)
         except BaseException:
             mngr.close()
@@ -283,21 +289,4 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
         return run_control.run_loop(c, workdir, mngr, data_iter, state, task, meta, guard)
 
 
-def memory_report(config: Any, devices: Any = None) -> dict[str, Any]:
-    """Per-device bytes of params + optimizer state + EMA under the config's mesh and rules
-    (shapes only: nothing is allocated or compiled)."""
-    from hart_jax.train.sharding import per_device_bytes, total_bytes
-
-    tcfg = _model_config(config)
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-    rules = [tuple(r) if not isinstance(r[1], (list, tuple)) else (r[0], tuple(r[1])) for r in config.mesh.rules]
-    tx = make_optimizer(config.optim, make_schedule(config.optim, int(config.train.num_steps)))
-    st = abstract_state(HARTTransformer(tcfg), tx)
-    sh = tree_shardings(st, mesh, rules)
-    out: dict[str, Any] = {"mesh": dict(mesh.shape), "num_params": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(st.params)))}
-    for name in ("params", "opt_state", "ema_params"):
-        out[f"{name}_total_bytes"] = total_bytes(getattr(st, name))
-        out[f"{name}_per_device_bytes"] = per_device_bytes(getattr(st, name), getattr(sh, name))
-    out["total_bytes"] = total_bytes(st)
-    out["per_device_bytes"] = per_device_bytes(st, sh)
-    return out
+from hart_jax.train.memory import memory_report  # noqa: E402,F401  (moved; kept importable from here)

@@ -1,7 +1,8 @@
 """Device mesh, logical axis names of the parameters (transformer, tokenizer), and shardings.
 
 The model code stays free of sharding annotations: each parameter gets logical axis
-names from its path (``PARAM_LOGICAL_AXES``, first matching pattern wins), and the
+names from its path (``PARAM_LOGICAL_AXES``, first matching pattern wins; the stacked
+transformer blocks ``blocks/...`` get a leading ``layers`` axis before them), and the
 config's ``rules`` map logical names to mesh axes (``data``, ``fsdp``, ``tensor``).
 The same path rules cover the optimizer state and the EMA copy, whose leaves end in
 the parameter's path. A mesh axis that does not divide a dimension is dropped for
@@ -52,9 +53,13 @@ PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"bias$", ("embed",)),
 )
 
+# Parameters under this path segment carry a leading layer axis ``[X, ...]`` (the scanned blocks).
+STACKED_PREFIX = re.compile(r"(^|/)blocks/")
+
 # Logical name -> mesh axis (or axes, or None).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
+    ("layers", None),
     ("length", None),
     ("act_embed", None),
     ("embed", "fsdp"),
@@ -103,9 +108,12 @@ def path_str(path: Iterable[Any]) -> str:
 
 
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    """Logical axis names of a parameter (or of a state leaf ending in its path)."""
+    """Logical axis names of a parameter (or of a state leaf ending in its path); a stacked
+    block parameter (``blocks/...``) gets ``layers`` before its per-block axes."""
     if ndim == 0:
         return ()
+    if STACKED_PREFIX.search(path):
+        return ("layers",) + logical_axes(STACKED_PREFIX.split(path)[-1], ndim - 1)
     for pattern, axes in PARAM_LOGICAL_AXES:
         if re.search(pattern, path) and len(axes) == ndim:
             return axes

@@ -52,7 +52,7 @@ def release_init(params: Mapping[str, Any], cfg: T2IConfig, key: jax.Array, init
     (gamma1, gamma2) x1e-5 and the rest x0.5. ``pos_start`` and ``q_bias``/``v_bias`` keep
     the model's own init (trunc-normal sqrt(1/3C), zeros). Diffusion head: xavier-uniform
     Dense kernels, zero biases, time-MLP normal(0.02), zeroed AdaLN modulations and final
-    linear.
+    linear. The blocks are one stack ``blocks/...`` (leading depth axis), drawn elementwise alike.
     """
     c = cfg.embed_dim
     std = init_std if init_std >= 0 else math.sqrt(1 / c / 3)
@@ -83,7 +83,7 @@ def release_init(params: Mapping[str, Any], cfg: T2IConfig, key: jax.Array, init
                 leaf = leaf * 0.5
             elif p.endswith("attn/proj/kernel"):
                 leaf = leaf / math.sqrt(2 * cfg.depth)
-            elif p.startswith("blocks_") and p.endswith("ada_lin/kernel"):
+            elif p.startswith("blocks/") and p.endswith("ada_lin/kernel"):
                 col = jnp.arange(shape[-1])
                 leaf = leaf * jnp.where(col < 2 * c, 1e-5, 0.5)
         elif p.endswith("bias") and not p.endswith(("q_bias", "v_bias")):
