@@ -105,8 +105,9 @@ def _attend_cache(q, n, load_k, load_v, *, c, block_k, k_len, precision):
             s = jnp.where(rows[None, :], s, -jnp.inf)
         return online_softmax_step(acc, m, l, s, load_v(ks, rows), c, precision)
 
-    whole, carry = n // block_k, online_softmax_init(block_q, d)
+    whole, carry = 0, online_softmax_init(block_q, d)
     if k_len >= block_k:  # else no block is whole (and an unmasked load would overrun the cache)
+        whole = n // block_k
         carry = lax.fori_loop(0, whole, functools.partial(body, masked=False), carry)
     acc, _, l = lax.fori_loop(whole, pl.cdiv(n, block_k), functools.partial(body, masked=True), carry)
     return acc / jnp.where(l == 0.0, 1.0, l)[:, None]
@@ -141,7 +142,7 @@ def _cache_call(q, k, v, n_B, layer, *, scale, block_q, block_k, num_warps, num_
     """``layer`` None: k, v are ``[B, K, A, D]``; else int32 ``[1]`` and k, v are stacked ``[X, B, K, A, D]``."""
     B, Q, A, D = q.shape
     nq = pl.cdiv(Q, block_q)
-    kw = dict(c=scale * LOG2E, block_k=block_k, k_len=k.shape[-4], precision=precision, num_q_blocks=nq,
+    kw = dict(c=scale * LOG2E, block_k=block_k, k_len=k.shape[-3], precision=precision, num_q_blocks=nq,
               q_len=Q if Q % block_q else None)
     q_spec = pl.BlockSpec((SQ, block_q, SQ, D), lambda i, b, h: (b, i, h, 0))
     n_spec = pl.BlockSpec((SQ,), lambda i, b, h: (b,))
