@@ -319,8 +319,7 @@ def table_tiles(target: str) -> dict[str, dict[str, int]]:
     """Every kernel's tiles in the shipped tile table's row for ``target`` (which must have one)."""
     level, cache, row = tile_table.configs_for(TARGETS[target][0], "gpu")
     assert row is not None, f"the tile table has no row for {TARGETS[target][0]}"
-    c = {k: getattr(cache, k) for k in tile_table.TILE_KEYS}
-    return {**tile_table.level_tiles(level), "cache": c}
+    return {**tile_table.level_tiles(level), **tile_table.cache_tiles(cache)}
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -367,7 +366,8 @@ def test_small_shapes_lower_for_cuda():
 def test_cache_attention_lowers_for_cuda(Lq, target):
     """Sampling stages of the 1024 px model: 2x2 scale and the last 64x64 scale, CFG batch,
     against a 9856-entry cache with per-row valid lengths, through the dispatcher with no
-    config: the kernel launches with the tile table's row for the target."""
+    config: the kernel launches with the tile table's row for the target (its long-stage
+    tiles at 4096 queries)."""
     Lm = padded_cache_length(9750)
     q = jax.ShapeDtypeStruct((4, Lq, 24, 64), jnp.bfloat16)
     cache = jax.ShapeDtypeStruct((4, Lm, 24, 64), jnp.bfloat16)
@@ -375,7 +375,7 @@ def test_cache_attention_lowers_for_cuda(Lq, target):
     f = lambda q, kc, vc, n: attn.cache_attention(  # noqa: E731
         q, kc, vc, valid_len=n, scale=0.25 / 8, impl="pallas", interpret=False)
     text = _lower_cuda(f, q, cache, cache, n, target=target)
-    tiles = table_tiles(target)["cache"]
+    tiles = table_tiles(target)["cache_long" if Lq >= CacheAttentionConfig().long_queries else "cache"]
     assert triton_launches(text) == [expected_launch("hart_cache_attention", tiles, Lq, Lm)]
     # the cache and the queries are passed to the kernel as they are: no padded copy of them
     assert not copies_of(text, f"4x{Lm}x24x64") and not copies_of(text, f"4x{Lq}x24x64")
@@ -395,7 +395,7 @@ def test_stacked_cache_attention_lowers_for_cuda_without_copying_the_cache(targe
     f = lambda q, kc, vc, n, layer: attn.cache_attention(  # noqa: E731
         q, kc, vc, valid_len=n, scale=0.25 / 8, layer=layer, impl="pallas", interpret=False)
     text = _lower_cuda(f, q, stack, stack, n, layer, target=target)
-    tiles = table_tiles(target)["cache"]
+    tiles = table_tiles(target)["cache_long"]  # 4096 queries: the long stages' tiles
     assert triton_launches(text) == [expected_launch("hart_cache_attention", tiles, 4096, Lm)]
     stack_type = "tensor<24x8x9856x24x64xbf16>"
     ops_on_stack = [

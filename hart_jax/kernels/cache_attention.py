@@ -61,23 +61,50 @@ from hart_jax.kernels.reference import valid_len_1d
 CACHE_ALIGN = 128  # the sampler allocates caches in multiples of this (aligned key blocks)
 
 
+LONG_QUERIES = 1024  # a stage with at least this many queries takes the ``*_long`` tiles
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheAttentionConfig:
     """Tile sizes and Triton launch parameters (powers of two >= 16; ``block_k`` divides
-    ``CACHE_ALIGN``). Per-GPU values: ``hart_jax/kernels/tile_table.json``."""
+    ``CACHE_ALIGN``). Per-GPU values: ``hart_jax/kernels/tile_table.json``.
+
+    ``block_q`` .. ``num_stages``: stages with fewer than ``long_queries`` queries; the
+    ``*_long`` values (None: the short value) serve the long stages (HART's last scales,
+    thousands of queries), where a taller query tile reads each key block for more queries.
+    """
 
     block_q: int = 64
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    block_q_long: int | None = 128
+    block_k_long: int | None = None
+    num_warps_long: int | None = None
+    num_stages_long: int | None = None
+    long_queries: int = LONG_QUERIES
 
     def __post_init__(self):
-        for f in ("block_q", "block_k"):
+        for f in ("block_q", "block_k", "block_q_long", "block_k_long"):
             b = getattr(self, f)
+            if b is None and f.endswith("_long"):
+                continue
             if b < 16 or b & (b - 1):
                 raise ValueError(f"CacheAttentionConfig.{f} must be a power of two >= 16, got {b}")
-        if CACHE_ALIGN % self.block_k:
-            raise ValueError(f"CacheAttentionConfig.block_k must divide {CACHE_ALIGN}, got {self.block_k}")
+            if f.startswith("block_k") and CACHE_ALIGN % b:
+                raise ValueError(f"CacheAttentionConfig.{f} must divide {CACHE_ALIGN}, got {b}")
+
+    def long_tiles(self) -> tuple[int, int, int, int]:
+        """The long stages' ``(block_q, block_k, num_warps, num_stages)``, short values filling the unset."""
+        pick = lambda own, short: short if own is None else own  # noqa: E731
+        return (pick(self.block_q_long, self.block_q), pick(self.block_k_long, self.block_k),
+                pick(self.num_warps_long, self.num_warps), pick(self.num_stages_long, self.num_stages))
+
+    def tiles_for(self, queries: int) -> tuple[int, int, int, int]:
+        """``(block_q, block_k, num_warps, num_stages)`` for a stage of ``queries`` queries."""
+        if queries >= self.long_queries:
+            return self.long_tiles()
+        return self.block_q, self.block_k, self.num_warps, self.num_stages
 
 
 def padded_cache_length(length: int) -> int:
@@ -251,8 +278,8 @@ def cache_attention(
     K = k_cache.shape[Lm_axis]
     n_B = jnp.clip(valid_len_1d(valid_len, B), 0, K)
 
-    block_q = fit_block(cfg.block_q, Q)
-    block_k = fit_block(cfg.block_k, K)
+    block_q, block_k, num_warps, num_stages = cfg.tiles_for(Q)
+    block_q, block_k = fit_block(block_q, Q), fit_block(block_k, K)
     Dp = padded_head_dim(D)  # HART's 64 is not padded
     if layer_1 is not None and Dp != D:
         # padding would copy the whole stack: copy just this layer instead
@@ -265,8 +292,8 @@ def cache_attention(
         ("scale", float(scale)),
         ("block_q", block_q),
         ("block_k", block_k),
-        ("num_warps", cfg.num_warps),
-        ("num_stages", cfg.num_stages),
+        ("num_warps", num_warps),
+        ("num_stages", num_stages),
         ("precision", precision),
         ("interpret", bool(interpret)),
     )
