@@ -514,6 +514,10 @@ def test_dispatcher_rejects_bad_inputs():
             attn.cache_attention(q, q, q, valid_len=3, scale=0.1, layer=0, impl=impl)
     with pytest.raises(ValueError, match="power of two"):
         LevelAttentionConfig(block_q=48)
+    with pytest.raises(ValueError, match="block_q_long must be a power of two"):
+        CacheAttentionConfig(block_q_long=48)
+    with pytest.raises(ValueError, match="block_k_long must divide"):
+        CacheAttentionConfig(block_k_long=256)
 
 
 # ----------------------------------------------------------------------------- sharding

@@ -13,21 +13,28 @@ Schedule (FlashAttention-2):
   ``[lo, nq)``; one kernel per query block accumulates dq over key blocks
   ``[0, hi)`` (each backward kernel may have its own tiles).
 ``hi`` and ``lo`` come from small per-block tables built outside the kernel
-(max query level per query block, min key level per key block): every block
-outside the loop range is fully masked, whatever the order of the levels, and
-for HART's sorted layout the loops cover exactly the blocks that see anything.
-Inside the range the mask is applied element by element.
+(``kv_bounds``, ``q_bounds``: max / min levels per block): every block outside the
+loop range is fully masked, whatever the order of the levels, and for HART's
+sorted layout the loops cover exactly the blocks that see anything. The tables
+also mark the blocks every query of the block sees whole (``full``, ``flo``): those
+are read with no mask at all (no level loads, compares or selects); only the
+blocks on a level boundary and a ragged last block are masked element by element.
 
-Lengths that are not multiples of the block sizes are padded: padded keys get
-level ``INT32_MAX`` (never visible), padded queries level ``-1`` (see nothing,
-output 0). The head dim is zero-padded to a power of two >= 16 (Triton's dot
-needs it). Logits, softmax and accumulators are fp32 for bf16 and fp32 inputs;
-fp32 matmuls run at full IEEE precision (``precision=HIGHEST``, no TF32) unless
-told otherwise.
+No input is padded along the sequence: when a length is not a multiple of its
+block, the last block overhangs the array and its rows past the end are masked out
+of every load and store (``load_rows`` / ``store_rows``), so HART's 9750 tokens cost
+no padded copy of q, k, v, do and no slice of o. Only a head dim that is not a power
+of two >= 16 is zero-padded (Triton's dot needs it; HART's 64 is not).
+
+The softmax scale is not applied to the scores: ``c = scale * log2(e)`` enters
+only the exp2 argument, ``exp2(s * c - m * c)`` (the running max ``m`` is kept
+unscaled), which the compiler fuses into one FMA per score; the log-sum-exp is
+base 2 of the scaled logits in the forward and both backward kernels. Logits,
+softmax and accumulators are fp32 for bf16 and fp32 inputs; fp32 matmuls run at
+full IEEE precision (``precision=HIGHEST``, no TF32) unless told otherwise.
 
 Dimensions (docs/design.md): B batch; L tokens; Q query tokens; K key tokens;
-P padded tokens (Q or K rounded up to the block); A heads; D head dim (padded to a power
-of two); n blocks (query or key blocks).
+A heads; D head dim (padded to a power of two); n blocks (query or key blocks).
 """
 
 from __future__ import annotations
