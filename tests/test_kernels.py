@@ -172,7 +172,8 @@ def test_block_tables_skip_exactly_the_masked_blocks():
     sorted_lev = hart_levels(300, (1, 2, 3, 4))
     for lev, tight in [(sorted_lev, True), (rng.permutation(sorted_lev), False)]:
         vis, whole = block_visibility(lev, lev)
-        tables = lambda f: [np.asarray(t)[0] for t in f(jnp.asarray(lev[None]), jnp.asarray(lev[None]), bq, bk)]  # noqa: E731
+        tables = lambda f: [np.asarray(t)[0] for t in jax.jit(f, static_argnums=(2, 3))(  # noqa: E731
+            jnp.asarray(lev[None]), jnp.asarray(lev[None]), bq, bk)]
         full, hi = tables(kv_bounds)
         lo, flo = tables(q_bounds)
         nq, nk = vis.shape
