@@ -147,6 +147,13 @@ def test_level_attention_unsorted_levels_and_blind_queries():
     assert np.all(np.isfinite(np.asarray(got[2])))
 
 
+def test_level_attention_at_lengths_that_are_whole_blocks():
+    """No ragged block in any kernel (unmasked loads only, no tail loop): 64 tokens in 4 levels
+    with SMALL's tiles. (The cache kernel's case: ``test_cache_attention_reads_stacked_layers``.)"""
+    lev = np.repeat(np.arange(4, dtype=np.int32), 16)
+    check_level_attention(lev, lev, 1, 64, 64, 1, 16, jnp.float32, SMALL, seed=7)
+
+
 def test_block_tables_skip_exactly_the_masked_blocks():
     """Every block pair outside the kernels' loop ranges is fully masked and every pair in an
     unmasked range is fully visible with no row past the end (any level order); for HART's
@@ -221,8 +228,10 @@ def test_cache_attention(dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cache_attention_reads_stacked_layers(dtype):
     """The sampler's layout: every block's caches stacked [NL, B, Lm, H, D], the block index traced,
-    read in place at an aligned (128) and a ragged (71) cache length; 9 queries in blocks of 16."""
-    NL, B, Lq, H, D = 3, 2, 9, 2, 16
+    read in place at an aligned (128) and a ragged (71) cache length; 16 queries, one whole query
+    block (the ragged one: ``test_cache_attention``), so at Lm = 128 no load is masked but the
+    last key block of row 0 (37 entries)."""
+    NL, B, Lq, H, D = 3, 2, 16, 2, 16
     for Lm, n in ((128, jnp.array([37, 128], jnp.int32)), (71, jnp.array([71, 0], jnp.int32))):
         kq, kk, kv = jax.random.split(jax.random.PRNGKey(Lm), 3)
         q = rand(kq, (B, Lq, H, D), dtype)

@@ -117,8 +117,9 @@ def _attend_cache(q, n, load_k, load_v, *, c, block_k, k_len, precision):
     """Online softmax of the query block ``q`` over cache entries ``[0, n)``: the key blocks
     below ``n`` whole are read unmasked, the one holding entry ``n - 1`` (if ragged) masked.
 
-    ``k_len`` is the cache length (static). ``load_k(ks, rows)`` / ``load_v(ks, rows)`` read the ``[block_k, D]`` key / value block
-    ``ks``, rows outside the ``rows`` mask (None: all in) as 0.
+    ``k_len`` is the cache length (static). ``load_k(ks, rows)`` / ``load_v(ks, rows)`` read
+    the ``[block_k, D]`` key / value block ``ks``, rows outside the ``rows`` mask (None: all
+    in) as 0.
     """
     block_q, d = q.shape
 
@@ -140,7 +141,7 @@ def _attend_cache(q, n, load_k, load_v, *, c, block_k, k_len, precision):
     return acc / jnp.where(l == 0.0, 1.0, l)[:, None]
 
 
-def _cache_kernel(n_ref, q_ref, k_ref, v_ref, o_ref, *, num_q_blocks, q_len, **kw):
+def _cache_kernel(n_ref, q_ref, k_ref, v_ref, o_ref, *, q_len, **kw):
     """One query block against the ``[K, D]`` cache block of its (row, head)."""
     block_q = q_ref.shape[0]
     q_rows = row_mask(pl.program_id(0) * block_q, block_q, q_len)
@@ -151,7 +152,7 @@ def _cache_kernel(n_ref, q_ref, k_ref, v_ref, o_ref, *, num_q_blocks, q_len, **k
     store_rows(o_ref, out.astype(o_ref.dtype), q_rows)
 
 
-def _stacked_cache_kernel(layer_ref, n_ref, q_ref, k_ref, v_ref, o_ref, *, num_q_blocks, q_len, **kw):
+def _stacked_cache_kernel(layer_ref, n_ref, q_ref, k_ref, v_ref, o_ref, *, q_len, **kw):
     """As ``_cache_kernel``, reading layer ``layer_ref[0]`` of the whole ``[X, B, K, A, D]`` caches."""
     layer, b, h = layer_ref[0], pl.program_id(1), pl.program_id(2)
     block_q = q_ref.shape[0]
@@ -169,7 +170,7 @@ def _cache_call(q, k, v, n_B, layer, *, scale, block_q, block_k, num_warps, num_
     """``layer`` None: k, v are ``[B, K, A, D]``; else int32 ``[1]`` and k, v are stacked ``[X, B, K, A, D]``."""
     B, Q, A, D = q.shape
     nq = pl.cdiv(Q, block_q)
-    kw = dict(c=scale * LOG2E, block_k=block_k, k_len=k.shape[-3], precision=precision, num_q_blocks=nq,
+    kw = dict(c=scale * LOG2E, block_k=block_k, k_len=k.shape[-3], precision=precision,
               q_len=Q if Q % block_q else None)
     q_spec = pl.BlockSpec((SQ, block_q, SQ, D), lambda i, b, h: (b, i, h, 0))
     n_spec = pl.BlockSpec((SQ,), lambda i, b, h: (b,))
