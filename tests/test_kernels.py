@@ -163,22 +163,26 @@ def test_block_tables_skip_exactly_the_masked_blocks():
 
     def block_visibility(q_lev, k_lev):
         """(some query sees some key, every query sees every key) per block pair, from the
-        dense mask (rows past the end: not visible, never whole)."""
+        dense mask over the real rows; then "whole" as the forward / dq loops may read it
+        (never a ragged key block) and as the dk/dv loop may (never a ragged query block)."""
         vis = np.asarray(level_mask(jnp.asarray(q_lev[None]), jnp.asarray(k_lev[None])))[0]
         Q, K = vis.shape
         nq, nk = -(-Q // bq), -(-K // bk)
         pad = np.zeros((nq * bq, nk * bk), bool)
         pad[:Q, :K] = vis
-        blocks = pad.reshape(nq, bq, nk, bk)
-        whole = blocks.all(axis=(1, 3))
-        whole[Q // bq:, :] = False  # a ragged block is read masked
-        whole[:, K // bk:] = False
-        return blocks.any(axis=(1, 3)), whole
+        real = np.zeros_like(pad)
+        real[:Q, :K] = True
+        blocks, real = pad.reshape(nq, bq, nk, bk), real.reshape(nq, bq, nk, bk)
+        whole = (blocks | ~real).all(axis=(1, 3))
+        fwd_whole, bwd_whole = whole.copy(), whole.copy()
+        fwd_whole[:, K // bk:] = False
+        bwd_whole[Q // bq:, :] = False
+        return blocks.any(axis=(1, 3)), fwd_whole, bwd_whole
 
     rng = np.random.default_rng(3)
     sorted_lev = hart_levels(300, (1, 2, 3, 4))
     for lev, tight in [(sorted_lev, True), (rng.permutation(sorted_lev), False)]:
-        vis, whole = block_visibility(lev, lev)
+        vis, fwd_whole, bwd_whole = block_visibility(lev, lev)
         tables = lambda f: [np.asarray(t)[0] for t in jax.jit(f, static_argnums=(2, 3))(  # noqa: E731
             jnp.asarray(lev[None]), jnp.asarray(lev[None]), bq, bk)]
         full, hi = tables(kv_bounds)
@@ -189,13 +193,14 @@ def test_block_tables_skip_exactly_the_masked_blocks():
         fwd_unmasked, fwd_masked = cols < full[:, None], (cols >= full[:, None]) & (cols < hi[:, None])
         bwd_unmasked = (rows >= flo[None, :]) & (rows < nq_whole)
         bwd_masked = ((rows >= lo[None, :]) & (rows < flo[None, :])) | ((rows == nq_whole) & (rows >= flo[None, :]))
-        assert not np.any(fwd_unmasked & ~whole) and not np.any(bwd_unmasked & ~whole)
+        assert not np.any(fwd_unmasked & ~fwd_whole) and not np.any(bwd_unmasked & ~bwd_whole)
         assert not np.any(vis & ~(fwd_unmasked | fwd_masked)) and not np.any(vis & ~(bwd_unmasked | bwd_masked))
         if tight:
             np.testing.assert_array_equal(fwd_unmasked | fwd_masked, vis)
             np.testing.assert_array_equal(bwd_unmasked | bwd_masked, vis)
-            np.testing.assert_array_equal(fwd_unmasked, whole)
-            np.testing.assert_array_equal(bwd_unmasked, whole)
+            np.testing.assert_array_equal(fwd_unmasked, fwd_whole)
+            np.testing.assert_array_equal(bwd_unmasked, bwd_whole)
+            assert full[-1] == len(lev) // bk  # the ragged last query block reads every whole key block unmasked
             assert hi[0] == -(-300 // bk) < nk  # text queries stop at the end of the text
             assert lo[-1] == 313 // bq  # the last key block (level 3) is read from the first level-3 query on
             assert full[0] == 300 // bk  # the text's whole key blocks are read unmasked
@@ -524,6 +529,10 @@ def test_dispatcher_rejects_bad_inputs():
             attn.cache_attention(q, q, q, valid_len=3, scale=0.1, layer=0, impl=impl)
     with pytest.raises(ValueError, match="power of two"):
         LevelAttentionConfig(block_q=48)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        level_attention(q, q, q, lev, lev, scale=0.0, interpret=True)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        cache_attention(q, q, q, 3, scale=-0.1, interpret=True)
     with pytest.raises(ValueError, match="block_q_long must be a power of two"):
         CacheAttentionConfig(block_q_long=48)
     with pytest.raises(ValueError, match="block_k_long must divide"):

@@ -45,6 +45,7 @@ from hart_jax.kernels.compat import dot, triton_compiler_params
 from hart_jax.kernels.level_attention import (
     LOG2E,
     check_qkv,
+    check_scale,
     fit_block,
     load_rows,
     online_softmax_init,
@@ -273,6 +274,7 @@ def cache_attention(
       ``[B, Q, A, D]`` in the input dtype.
     """
     layer_1 = check_cache_inputs(q_BQAD, k_cache, v_cache, layer)
+    check_scale(scale)
     Lm_axis = 1 if layer_1 is None else 2
     cfg = config or CacheAttentionConfig()
     B, Q, A, D = q_BQAD.shape

@@ -151,6 +151,12 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, k_name: str = "k") -> No
         raise ValueError(f"attention inputs must be float32, bfloat16 or float16, got {q.dtype}")
 
 
+def check_scale(scale: float) -> None:
+    """The kernels keep the running max of unscaled scores, which needs ``scale > 0``."""
+    if not float(scale) > 0:
+        raise ValueError(f"the softmax scale must be positive, got {scale}")
+
+
 def tile_metadata(block_q: int, block_k: int, num_warps: int, num_stages: int) -> dict[str, str]:
     """A kernel's tiles as ``pallas_call`` metadata (JSON in the lowered HLO; no effect on the kernel)."""
     return {"block_q": str(block_q), "block_k": str(block_k), "num_warps": str(num_warps),
@@ -170,8 +176,11 @@ def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
 # ----------------------------------------------------------------------------- block tables
 # Built from the unpadded level ids (small int arrays, outside the kernels). A block pair is
 # "visible" when some query of the q block may see some key of the k block, "whole" when every
-# query sees every key (no mask needed). A ragged tail block is never whole: its rows past the
-# end must be masked out of the loads.
+# query sees every key (no mask needed). A kernel loops over one side's blocks with unmasked
+# loads only where they hold no row past the end: the fwd / dq loops over key blocks never read
+# a ragged last key block unmasked, the dk/dv loop never a ragged last query block. (The block
+# a program owns is loaded masked once; its rows past the end compute finite garbage that
+# stays in rows that are never stored.)
 
 
 def _block_reduce(lev_BL: jax.Array, block: int, op, pad_value: int) -> jax.Array:
@@ -182,22 +191,19 @@ def _block_reduce(lev_BL: jax.Array, block: int, op, pad_value: int) -> jax.Arra
 
 
 def block_visibility(q_lev_BQ, k_lev_BK, block_q: int, block_k: int) -> tuple[jax.Array, jax.Array]:
-    """``(visible, whole)``, bool ``[B, nq, nk]`` (see above)."""
+    """``(visible, whole)``, bool ``[B, nq, nk]`` (see above), over the real rows of each block."""
     qmax = _block_reduce(q_lev_BQ, block_q, jnp.max, INT32_MIN)
     qmin = _block_reduce(q_lev_BQ, block_q, jnp.min, INT32_MAX)
     kmin = _block_reduce(k_lev_BK, block_k, jnp.min, INT32_MAX)
     kmax = _block_reduce(k_lev_BK, block_k, jnp.max, INT32_MIN)
-    visible = kmin[:, None, :] <= qmax[:, :, None]
-    nq_whole, nk_whole = q_lev_BQ.shape[1] // block_q, k_lev_BK.shape[1] // block_k
-    in_range = (jnp.arange(qmax.shape[1]) < nq_whole)[:, None] & (jnp.arange(kmax.shape[1]) < nk_whole)[None, :]
-    whole = (kmax[:, None, :] <= qmin[:, :, None]) & in_range[None]
-    return visible, whole
+    return kmin[:, None, :] <= qmax[:, :, None], kmax[:, None, :] <= qmin[:, :, None]
 
 
 def kv_bounds(q_lev_BQ, k_lev_BK, block_q: int, block_k: int) -> tuple[jax.Array, jax.Array]:
     """int32 ``([B, nq], [B, nq])``: per query block, the key blocks ``[0, full)`` are seen whole
     by each query (read unmasked) and ``[full, hi)`` hold the rest of what it may see (masked)."""
     visible, whole = block_visibility(q_lev_BQ, k_lev_BK, block_q, block_k)
+    whole = whole & (jnp.arange(whole.shape[2]) < k_lev_BK.shape[1] // block_k)  # a ragged key block: masked
     idx = jnp.arange(1, visible.shape[2] + 1, dtype=jnp.int32)
     hi = jnp.max(jnp.where(visible, idx, 0), axis=2).astype(jnp.int32)
     full = jnp.sum(jnp.cumprod(whole.astype(jnp.int32), axis=2), axis=2).astype(jnp.int32)
@@ -213,6 +219,7 @@ def q_bounds(q_lev_BQ, k_lev_BK, block_q: int, block_k: int) -> tuple[jax.Array,
     nq_whole = q_lev_BQ.shape[1] // block_q
     idx = jnp.arange(nq, dtype=jnp.int32)[None, :, None]
     lo = jnp.min(jnp.where(visible, idx, nq), axis=1).astype(jnp.int32)
+    # a ragged query block is left out (the kernel reads it masked, last)
     trailing = jnp.sum(jnp.cumprod(whole[:, :nq_whole][:, ::-1].astype(jnp.int32), axis=1), axis=1)
     flo = jnp.maximum(nq_whole - trailing, lo).astype(jnp.int32)
     return lo, flo
@@ -542,6 +549,7 @@ def level_attention(
       ``[B, Q, A, D]`` in the input dtype.
     """
     check_qkv(q_BQAD, k_BKAD, v_BKAD)
+    check_scale(scale)
     cfg = config or LevelAttentionConfig()
     B, Q, A, D = q_BQAD.shape
     K = k_BKAD.shape[1]
