@@ -22,7 +22,8 @@ The Pallas kernels run with the tile table's row for this GPU
 (``hart_jax/kernels/tile_table.json``) unless tile flags are given. ``--sweep`` times each
 Pallas kernel over a grid of block sizes (64-256), warps (4, 8) and pipeline stages (2-5):
 the forward, then the dk/dv and the dq backward kernels (forward+backward timed, the other
-kernels held at the best so far), then the cache kernel (summed over ``--stages``); invalid
+kernels held at the best so far), then the cache kernel (summed over ``--stages``), its
+short stages (``cache``) and its long ones (``cache_long``, from ``--long-queries``) apart; invalid
 points are skipped, and ``--sweep-budget-s`` bounds the time. ``--write-tiles PATH`` writes
 each kernel's winner into that tile table's row for this device kind (``-``: print them).
 
