@@ -22,7 +22,8 @@ The Pallas kernels run with the tile table's row for this GPU
 (``hart_jax/kernels/tile_table.json``) unless tile flags are given. ``--sweep`` times each
 Pallas kernel over a grid of block sizes (64-256), warps (4, 8) and pipeline stages (2-5):
 the forward, then the dk/dv and the dq backward kernels (forward+backward timed, the other
-kernels held at the best so far), then the cache kernel (summed over ``--stages``); invalid
+kernels held at the best so far), then the cache kernel (summed over ``--stages``), its
+short stages (``cache``) and its long ones (``cache_long``, from ``--long-queries``) apart; invalid
 points are skipped, and ``--sweep-budget-s`` bounds the time. ``--write-tiles PATH`` writes
 each kernel's winner into that tile table's row for this device kind (``-``: print them).
 
@@ -67,6 +68,18 @@ def stage_shapes(cfg: T2IConfig) -> list[tuple[int, int, int]]:
     return [(s, end - begin, end) for s, (begin, end) in enumerate(cfg.stage_slices())]
 
 
+def selected_stages(shape: T2IConfig, args: argparse.Namespace) -> list[tuple[int, int, int]]:
+    """``stage_shapes`` of the stages named by ``--stages`` (all when none are)."""
+    wanted = {int(s) for s in args.stages.split(",") if s}
+    return [st for st in stage_shapes(shape) if not wanted or st[0] in wanted]
+
+
+def in_class(kernel: str, queries: int, cfg: CacheAttentionConfig) -> bool:
+    """Whether a stage of ``queries`` queries runs with the tiles of ``kernel`` (``"cache"`` or
+    ``"cache_long"``) under ``cfg``."""
+    return (queries >= cfg.long_queries) == (kernel == "cache_long")
+
+
 def time_fn(fn: Callable, args: Sequence[Any], warmup: int, iters: int) -> float:
     """Median wall time (seconds) of ``fn(*args)`` after compilation and warmup."""
     for _ in range(max(warmup, 1)):
@@ -103,8 +116,10 @@ LEVEL_TILE_FLAGS = {  # flag (argparse dest) -> the LevelAttentionConfig fields 
     "num_warps": ("num_warps", "num_warps_bwd", "num_warps_dq"),
     "num_stages": ("num_stages", "num_stages_bwd", "num_stages_dq"),
 }
-CACHE_TILE_FLAGS = {"cache_block_q": "block_q", "cache_block_k": "block_k",
-                    "num_warps": "num_warps", "num_stages": "num_stages"}
+CACHE_TILE_FLAGS = {  # flag -> the CacheAttentionConfig fields it sets (short and long stages)
+    "cache_block_q": ("block_q", "block_q_long"), "cache_block_k": ("block_k", "block_k_long"),
+    "num_warps": ("num_warps", "num_warps_long"), "num_stages": ("num_stages", "num_stages_long"),
+}
 
 
 def level_config(args: argparse.Namespace, interpret: bool) -> LevelAttentionConfig:
@@ -118,7 +133,10 @@ def level_config(args: argparse.Namespace, interpret: bool) -> LevelAttentionCon
 def cache_config(args: argparse.Namespace, interpret: bool) -> CacheAttentionConfig:
     """The sampling kernel's tiles: the tile table's for this device, with the flags given."""
     base = attn.pallas_config("cache_attention", interpret)
-    given = {f: getattr(args, flag) for flag, f in CACHE_TILE_FLAGS.items() if getattr(args, flag) is not None}
+    given = {f: getattr(args, flag) for flag, fields in CACHE_TILE_FLAGS.items()
+             if getattr(args, flag) is not None for f in fields}
+    if args.long_queries is not None:
+        given["long_queries"] = args.long_queries
     return dataclasses.replace(base, **given)
 
 
@@ -167,13 +185,13 @@ def bench_sampling(
     peak: float,
     interpret: bool,
     cfg: CacheAttentionConfig | None = None,
+    stage_class: str | None = None,
 ) -> list:
-    """Cache attention of every sampling stage, for each implementation."""
-    stages = stage_shapes(shape)
-    Lm = padded_cache_length(stages[-1][2])
-    if args.stages:
-        wanted = {int(s) for s in args.stages.split(",")}
-        stages = [st for st in stages if st[0] in wanted]
+    """Cache attention of every sampling stage, for each implementation; ``stage_class``
+    ``"cache"`` / ``"cache_long"``: only the stages below / from ``cfg.long_queries`` queries."""
+    Lm = padded_cache_length(stage_shapes(shape)[-1][2])
+    cfg = cfg or cache_config(args, interpret)
+    stages = [st for st in selected_stages(shape, args) if stage_class is None or in_class(stage_class, st[1], cfg)]
     H, D, B = shape.num_heads, shape.head_dim, args.sample_batch
     dtype = jnp.dtype(args.dtype)
     kk, kv = jax.random.split(jax.random.PRNGKey(2))
@@ -183,7 +201,6 @@ def bench_sampling(
     v_cache = jax.random.normal(kv, cache_shape, dtype)
     layer = jnp.int32(shape.depth // 2) if stacked else None  # traced, as in the sampler's loop
     scale = 0.25 / np.sqrt(D)
-    cfg = cfg or cache_config(args, interpret)
     rows = []
     for s, n, end in stages:
         q = jax.random.normal(jax.random.PRNGKey(100 + s), (B, n, H, D), dtype)
@@ -217,7 +234,7 @@ def valid_point(kernel: str, point: dict[str, int]) -> bool:
     """Whether the kernel's config takes ``point`` (powers of two; the cache's ``block_k``
     divides ``CACHE_ALIGN``)."""
     try:
-        if kernel == "cache":
+        if kernel.startswith("cache"):
             tile_table.cache_config(point)
         else:
             tile_table.level_config({kernel: point})
@@ -241,7 +258,9 @@ def sweep(shape: T2IConfig, args: argparse.Namespace, peak: float, interpret: bo
 
     In turn: the forward kernel (forward pass timed); the dk/dv kernel, then the dq kernel
     (forward+backward timed, the kernels before held at their winners); the cache kernel (the
-    sum over the sampling stages, ``--stages``). The first point of each (the tiles in use)
+    sum over the sampling stages of ``--stages``), ``cache`` over those with fewer than
+    ``long_queries`` queries, then ``cache_long`` over the others (a class with no stage
+    selected is not swept). The first point of each (the tiles in use)
     always runs; the others while the kernel's share of ``--sweep-budget-s`` lasts (the
     budget left, split over the kernels left).
     """
@@ -251,17 +270,27 @@ def sweep(shape: T2IConfig, args: argparse.Namespace, peak: float, interpret: bo
     t_start, budget = time.perf_counter(), args.sweep_budget_s
     out: dict[str, list] = {}
     skipped: dict[str, dict[str, int]] = {}
+    cache = cache_config(args, interpret)
+
+    def cache_with(kernel: str, point: dict[str, int]) -> CacheAttentionConfig:
+        tiles = {**tile_table.cache_tiles(cache), kernel: point}
+        cfg = tile_table.cache_config(tiles["cache"], tiles["cache_long"])
+        return dataclasses.replace(cfg, long_queries=cache.long_queries)
+
     for i, kernel in enumerate(tile_table.KERNELS):
-        baseline = ({k: getattr(cache_config(args, interpret), k) for k in tile_table.TILE_KEYS}
-                    if kernel == "cache" else tile_table.level_tiles(level)[kernel])
+        is_cache = kernel.startswith("cache")
+        if is_cache and not any(in_class(kernel, n, cache) for _, n, _ in selected_stages(shape, args)):
+            out[kernel], skipped[kernel] = [], {"invalid": 0, "budget": 0, "no_stages": 1}
+            continue
+        baseline = tile_table.cache_tiles(cache)[kernel] if is_cache else tile_table.level_tiles(level)[kernel]
         points, invalid = sweep_points(kernel, args.smoke, baseline)
         share = (budget - (time.perf_counter() - t_start)) / (len(tile_table.KERNELS) - i)
         t_kernel, rows = time.perf_counter(), []
         for j, point in enumerate(points):
             if j and time.perf_counter() - t_kernel > share:
                 break
-            if kernel == "cache":
-                timed = bench_sampling(shape, ["pallas"], args, peak, interpret, tile_table.cache_config(point))
+            if is_cache:
+                timed = bench_sampling(shape, ["pallas"], args, peak, interpret, cache_with(kernel, point), kernel)
                 errors = [r["error"] for r in timed if "error" in r]
                 rows.append({**point, "error": errors[0]} if errors else {**point, "ms": sum(r["ms"] for r in timed)})
             else:
@@ -270,7 +299,11 @@ def sweep(shape: T2IConfig, args: argparse.Namespace, peak: float, interpret: bo
                 rows += [{**point, **r} for r in bench_training(shape, ["pallas"], args, peak, interpret, cfg, passes)]
         out[kernel] = fastest(rows)
         skipped[kernel] = {"invalid": invalid, "budget": len(points) - len(rows)}
-        if kernel != "cache" and "ms" in out[kernel][0]:
+        if not out[kernel] or "ms" not in out[kernel][0]:
+            continue
+        if is_cache:
+            cache = cache_with(kernel, {k: out[kernel][0][k] for k in tile_table.TILE_KEYS})
+        else:
             level = tile_table.level_config({kernel: out[kernel][0]}, level)
     return out, skipped
 
@@ -322,6 +355,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for flag in ("--block-q", "--block-k", "--block-q-bwd", "--block-k-bwd", "--cache-block-q",
                  "--cache-block-k", "--num-warps", "--num-stages"):
         p.add_argument(flag, type=int, default=None, help=tiles)
+    p.add_argument("--long-queries", type=int, default=None,
+                   help="sampling stages with at least this many queries take the cache kernel's long tiles "
+                        "(default: CacheAttentionConfig's, 1024; --smoke: 16)")
     p.add_argument("--cache-layout", default="stacked", choices=["stacked", "single"],
                    help="sampling caches: every block's stacked (the sampler's layout) or one block's")
     p.add_argument("--stages", default="", help="comma-separated sampling stages to run (default: all)")
@@ -343,6 +379,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.batch, args.sample_batch, args.matmul_n = 1, 2, 128
         args.warmup, args.iters = 1, 1
+        if args.long_queries is None:
+            args.long_queries = 16  # the smoke shape's stages 3 and 4 take the long tiles
     return args
 
 

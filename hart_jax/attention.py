@@ -201,7 +201,8 @@ def pallas_config(op: str, interpret: bool) -> LevelAttentionConfig | CacheAtten
                   "pallas %s tiles: defaults (%s, %s%s)", op, kind, platform,
                   ", interpreted" if interpret else ", no tile table row")
     else:
-        names = ("level_fwd", "level_dkv", "level_dq") if op == "level_attention" else ("cache",)
+        names = (("level_fwd", "level_dkv", "level_dq") if op == "level_attention"
+                 else tuple(n for n in ("cache", "cache_long") if n in dict(row.tiles)))
         _log_once(("tiles", op, platform, kind, row.device_class),
                   "pallas %s tiles for %s (tile table row %s): %s", op, kind, row.device_class,
                   "; ".join(f"{n} {row.kernel(n)} ({dict(row.measured)[n]})" for n in names))

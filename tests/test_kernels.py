@@ -30,12 +30,10 @@ from hart_jax.kernels.cache_attention import CacheAttentionConfig, cache_attenti
 from hart_jax.kernels import tile_table
 from hart_jax.kernels.level_attention import (
     LevelAttentionConfig,
-    PAD_K_LEVEL,
-    PAD_Q_LEVEL,
     fit_block,
-    kv_upper_bounds,
+    kv_bounds,
     level_attention,
-    q_lower_bounds,
+    q_bounds,
     round_up,
 )
 from hart_jax.kernels.reference import cache_attention_reference, level_attention_reference, level_mask
@@ -149,35 +147,63 @@ def test_level_attention_unsorted_levels_and_blind_queries():
     assert np.all(np.isfinite(np.asarray(got[2])))
 
 
+def test_level_attention_at_lengths_that_are_whole_blocks():
+    """No ragged block in any kernel (unmasked loads only, no tail loop): 64 tokens in 4 levels
+    with SMALL's tiles. (The cache kernel's case: ``test_cache_attention_reads_stacked_layers``.)"""
+    lev = np.repeat(np.arange(4, dtype=np.int32), 16)
+    check_level_attention(lev, lev, 1, 64, 64, 1, 16, jnp.float32, SMALL, seed=7)
+
+
 def test_block_tables_skip_exactly_the_masked_blocks():
-    """Every block pair outside the kernels' loop ranges is fully masked (any level order), and for
-    HART's sorted layout every pair inside is not, so the text blocks never read later scales."""
+    """Every block pair outside the kernels' loop ranges is fully masked and every pair in an
+    unmasked range is fully visible with no row past the end (any level order); for HART's
+    sorted layout the loops cover exactly the visible pairs, and every whole pair but those of
+    the ragged last blocks is read unmasked."""
     bq, bk = 32, 16
 
-    def pad(lev, block, value):
-        return np.concatenate([lev, np.full(-len(lev) % block, value, np.int32)])
-
     def block_visibility(q_lev, k_lev):
+        """(some query sees some key, every query sees every key) per block pair, from the
+        dense mask over the real rows; then "whole" as the forward / dq loops may read it
+        (never a ragged key block) and as the dk/dv loop may (never a ragged query block)."""
         vis = np.asarray(level_mask(jnp.asarray(q_lev[None]), jnp.asarray(k_lev[None])))[0]
-        nq, nk = len(q_lev) // bq, len(k_lev) // bk
-        return vis.reshape(nq, bq, nk, bk).any(axis=(1, 3))
+        Q, K = vis.shape
+        nq, nk = -(-Q // bq), -(-K // bk)
+        pad = np.zeros((nq * bq, nk * bk), bool)
+        pad[:Q, :K] = vis
+        real = np.zeros_like(pad)
+        real[:Q, :K] = True
+        blocks, real = pad.reshape(nq, bq, nk, bk), real.reshape(nq, bq, nk, bk)
+        whole = (blocks | ~real).all(axis=(1, 3))
+        fwd_whole, bwd_whole = whole.copy(), whole.copy()
+        fwd_whole[:, K // bk:] = False
+        bwd_whole[Q // bq:, :] = False
+        return blocks.any(axis=(1, 3)), fwd_whole, bwd_whole
 
     rng = np.random.default_rng(3)
     sorted_lev = hart_levels(300, (1, 2, 3, 4))
     for lev, tight in [(sorted_lev, True), (rng.permutation(sorted_lev), False)]:
-        q_lev, k_lev = pad(lev, bq, PAD_Q_LEVEL), pad(lev, bk, PAD_K_LEVEL)
-        vis = block_visibility(q_lev, k_lev)
-        hi = np.asarray(kv_upper_bounds(jnp.asarray(q_lev[None]), jnp.asarray(k_lev[None]), bq, bk))[0]
-        lo = np.asarray(q_lower_bounds(jnp.asarray(q_lev[None]), jnp.asarray(k_lev[None]), bq, bk))[0]
+        vis, fwd_whole, bwd_whole = block_visibility(lev, lev)
+        tables = lambda f: [np.asarray(t)[0] for t in jax.jit(f, static_argnums=(2, 3))(  # noqa: E731
+            jnp.asarray(lev[None]), jnp.asarray(lev[None]), bq, bk)]
+        full, hi = tables(kv_bounds)
+        lo, flo = tables(q_bounds)
         nq, nk = vis.shape
-        in_fwd = np.arange(nk)[None, :] < hi[:, None]
-        in_bwd = np.arange(nq)[:, None] >= lo[None, :]
-        assert not np.any(vis & ~in_fwd) and not np.any(vis & ~in_bwd)
+        nq_whole = len(lev) // bq
+        cols, rows = np.arange(nk)[None, :], np.arange(nq)[:, None]
+        fwd_unmasked, fwd_masked = cols < full[:, None], (cols >= full[:, None]) & (cols < hi[:, None])
+        bwd_unmasked = (rows >= flo[None, :]) & (rows < nq_whole)
+        bwd_masked = ((rows >= lo[None, :]) & (rows < flo[None, :])) | ((rows == nq_whole) & (rows >= flo[None, :]))
+        assert not np.any(fwd_unmasked & ~fwd_whole) and not np.any(bwd_unmasked & ~bwd_whole)
+        assert not np.any(vis & ~(fwd_unmasked | fwd_masked)) and not np.any(vis & ~(bwd_unmasked | bwd_masked))
         if tight:
-            np.testing.assert_array_equal(in_fwd, vis)
-            np.testing.assert_array_equal(in_bwd, vis)
+            np.testing.assert_array_equal(fwd_unmasked | fwd_masked, vis)
+            np.testing.assert_array_equal(bwd_unmasked | bwd_masked, vis)
+            np.testing.assert_array_equal(fwd_unmasked, fwd_whole)
+            np.testing.assert_array_equal(bwd_unmasked, bwd_whole)
+            assert full[-1] == len(lev) // bk  # the ragged last query block reads every whole key block unmasked
             assert hi[0] == -(-300 // bk) < nk  # text queries stop at the end of the text
             assert lo[-1] == 313 // bq  # the last key block (level 3) is read from the first level-3 query on
+            assert full[0] == 300 // bk  # the text's whole key blocks are read unmasked
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -206,9 +232,11 @@ def test_cache_attention(dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cache_attention_reads_stacked_layers(dtype):
-    """The sampler's layout: every block's caches stacked [NL, B, Lm, H, D], the block index traced.
-    Lm = 128 is read in place; Lm = 71 needs padding, so that layer is sliced out first."""
-    NL, B, Lq, H, D = 3, 2, 9, 2, 16
+    """The sampler's layout: every block's caches stacked [NL, B, Lm, H, D], the block index traced,
+    read in place at an aligned (128) and a ragged (71) cache length; 16 queries, one whole query
+    block (the ragged one: ``test_cache_attention``), so at Lm = 128 no load is masked but the
+    last key block of row 0 (37 entries)."""
+    NL, B, Lq, H, D = 3, 2, 16, 2, 16
     for Lm, n in ((128, jnp.array([37, 128], jnp.int32)), (71, jnp.array([71, 0], jnp.int32))):
         kq, kk, kv = jax.random.split(jax.random.PRNGKey(Lm), 3)
         q = rand(kq, (B, Lq, H, D), dtype)
@@ -284,21 +312,29 @@ def triton_launches(text: str) -> list[dict]:
     return out
 
 
-def expected_launch(name: str, tiles: dict, queries: int, keys: int, padded_queries: int) -> dict:
+def expected_launch(name: str, tiles: dict, queries: int, keys: int) -> dict:
     """A kernel's launch for ``tiles`` (the table's) at a shape: blocks shrunk for short
-    sequences as the kernels do, one program per block of ``padded_queries`` (or keys, dk/dv)."""
+    sequences as the kernels do, one program per block of queries (keys, dk/dv), the last
+    one ragged (no padding)."""
     fitted = {**tiles, "block_q": fit_block(tiles["block_q"], queries), "block_k": fit_block(tiles["block_k"], keys)}
-    per = fitted["block_k"] if name.endswith("dkv") else fitted["block_q"]
+    per, n = (fitted["block_k"], keys) if name.endswith("dkv") else (fitted["block_q"], queries)
     return {"name": name, "num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"],
-            "grid_x": padded_queries // per, "tiles": fitted}
+            "grid_x": -(-n // per), "tiles": fitted}
+
+
+def copies_of(text: str, dims: str) -> list[str]:
+    """Lines of lowered ``text`` that pad, slice or concatenate an array whose type starts with
+    ``dims`` (e.g. ``"1x9750x24x64"``): the copies the kernels are meant to do without."""
+    ops = ("stablehlo.pad", "stablehlo.slice", "stablehlo.concatenate", "dynamic_slice", "dynamic_update_slice")
+    return [line.strip()[:200] for line in text.splitlines()
+            if f"tensor<{dims}" in line and any(op in line for op in ops)]
 
 
 def table_tiles(target: str) -> dict[str, dict[str, int]]:
     """Every kernel's tiles in the shipped tile table's row for ``target`` (which must have one)."""
     level, cache, row = tile_table.configs_for(TARGETS[target][0], "gpu")
     assert row is not None, f"the tile table has no row for {TARGETS[target][0]}"
-    c = {k: getattr(cache, k) for k in tile_table.TILE_KEYS}
-    return {**tile_table.level_tiles(level), "cache": c}
+    return {**tile_table.level_tiles(level), **tile_table.cache_tiles(cache)}
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -319,14 +355,13 @@ def test_level_attention_lowers_for_cuda(dtype, target):
         return jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
 
     tiles = table_tiles(target)
-    blocks = lambda key: [fit_block(tiles[n][key], L) for n in ("level_fwd", "level_dkv", "level_dq")]  # noqa: E731
-    Pq, Pk = round_up(L, max(blocks("block_q"))), round_up(L, max(blocks("block_k")))
-    want = {n: expected_launch(f"hart_level_attention_{n[6:]}", tiles[n], L, L, Pk if n == "level_dkv" else Pq)
+    want = {n: expected_launch(f"hart_level_attention_{n[6:]}", tiles[n], L, L)
             for n in ("level_fwd", "level_dkv", "level_dq")}
-    assert triton_launches(_lower_cuda(f, x, x, x, target=target)) == [want["level_fwd"]]
-    assert triton_launches(_lower_cuda(g, x, x, x, target=target)) == [
-        want["level_fwd"], want["level_dkv"], want["level_dq"]
-    ]
+    fwd, grad = _lower_cuda(f, x, x, x, target=target), _lower_cuda(g, x, x, x, target=target)
+    assert triton_launches(fwd) == [want["level_fwd"]]
+    assert triton_launches(grad) == [want["level_fwd"], want["level_dkv"], want["level_dq"]]
+    # the ragged last blocks are masked inside the kernels: q, k, v, o, do are not padded or sliced
+    assert not copies_of(fwd, f"1x{L}x24x64") and not copies_of(grad, f"1x{L}x24x64")
 
 
 def test_small_shapes_lower_for_cuda():
@@ -346,7 +381,8 @@ def test_small_shapes_lower_for_cuda():
 def test_cache_attention_lowers_for_cuda(Lq, target):
     """Sampling stages of the 1024 px model: 2x2 scale and the last 64x64 scale, CFG batch,
     against a 9856-entry cache with per-row valid lengths, through the dispatcher with no
-    config: the kernel launches with the tile table's row for the target."""
+    config: the kernel launches with the tile table's row for the target (its long-stage
+    tiles at 4096 queries)."""
     Lm = padded_cache_length(9750)
     q = jax.ShapeDtypeStruct((4, Lq, 24, 64), jnp.bfloat16)
     cache = jax.ShapeDtypeStruct((4, Lm, 24, 64), jnp.bfloat16)
@@ -354,12 +390,10 @@ def test_cache_attention_lowers_for_cuda(Lq, target):
     f = lambda q, kc, vc, n: attn.cache_attention(  # noqa: E731
         q, kc, vc, valid_len=n, scale=0.25 / 8, impl="pallas", interpret=False)
     text = _lower_cuda(f, q, cache, cache, n, target=target)
-    tiles = table_tiles(target)["cache"]
-    Pq = round_up(Lq, fit_block(tiles["block_q"], Lq))
-    assert triton_launches(text) == [expected_launch("hart_cache_attention", tiles, Lq, Lm, Pq)]
-    # the cache is passed to the kernel as is: no padded copy of it
-    pads = [line for line in text.splitlines() if "stablehlo.pad" in line]
-    assert not any("9856" in line for line in pads), pads
+    tiles = table_tiles(target)["cache_long" if Lq >= CacheAttentionConfig().long_queries else "cache"]
+    assert triton_launches(text) == [expected_launch("hart_cache_attention", tiles, Lq, Lm)]
+    # the cache and the queries are passed to the kernel as they are: no padded copy of them
+    assert not copies_of(text, f"4x{Lm}x24x64") and not copies_of(text, f"4x{Lq}x24x64")
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -376,8 +410,8 @@ def test_stacked_cache_attention_lowers_for_cuda_without_copying_the_cache(targe
     f = lambda q, kc, vc, n, layer: attn.cache_attention(  # noqa: E731
         q, kc, vc, valid_len=n, scale=0.25 / 8, layer=layer, impl="pallas", interpret=False)
     text = _lower_cuda(f, q, stack, stack, n, layer, target=target)
-    tiles = table_tiles(target)["cache"]
-    assert triton_launches(text) == [expected_launch("hart_cache_attention", tiles, 4096, Lm, 4096)]
+    tiles = table_tiles(target)["cache_long"]  # 4096 queries: the long stages' tiles
+    assert triton_launches(text) == [expected_launch("hart_cache_attention", tiles, 4096, Lm)]
     stack_type = "tensor<24x8x9856x24x64xbf16>"
     ops_on_stack = [
         line for line in text.splitlines()
@@ -495,6 +529,14 @@ def test_dispatcher_rejects_bad_inputs():
             attn.cache_attention(q, q, q, valid_len=3, scale=0.1, layer=0, impl=impl)
     with pytest.raises(ValueError, match="power of two"):
         LevelAttentionConfig(block_q=48)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        level_attention(q, q, q, lev, lev, scale=0.0, interpret=True)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        cache_attention(q, q, q, 3, scale=-0.1, interpret=True)
+    with pytest.raises(ValueError, match="block_q_long must be a power of two"):
+        CacheAttentionConfig(block_q_long=48)
+    with pytest.raises(ValueError, match="block_k_long must divide"):
+        CacheAttentionConfig(block_k_long=256)
 
 
 # ----------------------------------------------------------------------------- sharding

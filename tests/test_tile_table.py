@@ -24,7 +24,8 @@ from test_kernels import TARGETS, _lower_cuda, _target_gpu, triton_launches
 
 A100, H100 = TARGETS["A100"][0], TARGETS["H100"][0]
 
-# Distinct tiles per class, so a test can tell which row reached the kernels.
+# Distinct tiles per class, so a test can tell which row reached the kernels; sm80 leaves out
+# cache_long (the long sampling stages then take its cache tiles).
 PATCHED = {
     "devices": [
         {"class": "sm80", "device_kinds": ["NVIDIA A100"], "kernels": {
@@ -36,7 +37,8 @@ PATCHED = {
             "level_fwd": {"block_q": 256, "block_k": 64, "num_warps": 8, "num_stages": 2},
             "level_dkv": {"block_q": 64, "block_k": 256, "num_warps": 8, "num_stages": 2},
             "level_dq": {"block_q": 256, "block_k": 64, "num_warps": 8, "num_stages": 2},
-            "cache": {"block_q": 64, "block_k": 32, "num_warps": 4, "num_stages": 4}}},
+            "cache": {"block_q": 64, "block_k": 32, "num_warps": 4, "num_stages": 4},
+            "cache_long": {"block_q": 256, "block_k": 128, "num_warps": 8, "num_stages": 3}}},
     ]
 }
 for _row in PATCHED["devices"]:
@@ -82,7 +84,11 @@ def test_device_kind_to_row(kind, device_class, patched_table):
     else:
         want = next(d for d in PATCHED["devices"] if d["class"] == device_class)["kernels"]
         assert tt.level_tiles(level) == {n: {k: want[n][k] for k in tt.TILE_KEYS} for n in tt.LEVEL_FIELDS}
-        assert {k: getattr(cache, k) for k in tt.TILE_KEYS} == {k: want["cache"][k] for k in tt.TILE_KEYS}
+        tiles = lambda n: {k: want[n][k] for k in tt.TILE_KEYS}  # noqa: E731
+        assert tt.cache_tiles(cache) == {"cache": tiles("cache"),
+                                         "cache_long": tiles("cache_long" if "cache_long" in want else "cache")}
+        assert cache.tiles_for(cache.long_queries) == tuple(tt.cache_tiles(cache)["cache_long"].values())
+        assert cache.tiles_for(cache.long_queries - 1) == tuple(tiles("cache").values())
     # a CPU (or the interpreter) gets the defaults whatever the device kind
     assert tt.configs_for(kind, "cpu") == (LevelAttentionConfig(), CacheAttentionConfig(), None)
 
@@ -225,11 +231,12 @@ def test_parse_rejects_bad_tables():
 
 def test_sweep_smoke_writes_the_tile_table(tmp_path):
     """``--sweep --smoke --write-tiles``: on CPU (interpreted) every kernel's smoke points are
-    timed, the tiles in use first, and the winners land in a new row for this device kind."""
+    timed, the tiles in use first (the cache kernel's short tiles on stage 2, 9 queries, its
+    long ones on stage 4, 36 queries), and the winners land in a new row for this device kind."""
     from bench import attention_bench
 
     tiles = tmp_path / "tiles.json"
-    argv = ["--smoke", "--impls", "pallas", "--no-sampling", "--stages", "4", "--sweep", "--sweep-budget-s", "1e9",
+    argv = ["--smoke", "--impls", "pallas", "--no-sampling", "--stages", "2,4", "--sweep", "--sweep-budget-s", "1e9",
             "--out", str(tmp_path / "bench.json"), "--write-tiles", str(tiles)]
     result = attention_bench.main(argv)
     defaults = tt.default_tiles()

@@ -8,19 +8,25 @@ one value per batch row; values above the cache length are clamped to it.
 
 Grid ``(q blocks, B, A)``; each program runs an online softmax over the key
 blocks ``[0, ceil(valid_len / block_k))`` only, so the unused tail of the cache
-is never read. Forward only (sampling needs no gradients).
+is never read: the blocks wholly below ``valid_len`` with no mask, the last one
+with its rows from ``valid_len`` on masked out of the loads. The softmax scale
+meets the logits only inside the exp2 (see ``level_attention``). Forward only
+(sampling needs no gradients).
 
 The sampler keeps every block's caches stacked ``[X, B, K, A, D]`` and runs the
 blocks in a loop; with ``layer`` the kernel takes the stacks whole and reads block
 ``layer``'s rows itself (the index is a kernel input), so no per-block copy of the
 cache is made.
 
-The cache length must be a multiple of the key block for the kernel; other
-lengths are padded here, which copies the cache on every call. Allocate caches
-with ``padded_cache_length(L)`` entries to avoid that copy.
+No input is padded for HART's shapes: a query count that is not a multiple of the
+query block ends in a block whose rows past the end are masked out of the loads and
+the store, and cache entries from ``valid_len`` on are never read, so any cache
+length works as it is. (``padded_cache_length`` is what the sampler allocates: a
+multiple of 128, so every key block's rows are aligned.) Only a head dim that is
+not a power of two >= 16 is zero-padded (a copy).
 
 Dimensions (docs/design.md): B batch; Q query tokens (the scale's); K key tokens (the
-cache's entries, padded to the key block); A heads; D head dim (padded to a power of two);
+cache's entries); A heads; D head dim (padded to a power of two);
 X depth (stacked per-block caches).
 """
 
@@ -39,88 +45,139 @@ from hart_jax.kernels.compat import dot, triton_compiler_params
 from hart_jax.kernels.level_attention import (
     LOG2E,
     check_qkv,
+    check_scale,
     fit_block,
+    load_rows,
     online_softmax_init,
     online_softmax_step,
     pad_axis,
     padded_head_dim,
     round_up,
+    row_mask,
+    store_rows,
     tile_metadata,
 )
 from hart_jax.kernels.reference import valid_len_1d
 
-CACHE_ALIGN = 128  # cache lengths that are multiples of this are never padded
+CACHE_ALIGN = 128  # the sampler allocates caches in multiples of this (aligned key blocks)
+
+
+LONG_QUERIES = 1024  # a stage with at least this many queries takes the ``*_long`` tiles
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheAttentionConfig:
     """Tile sizes and Triton launch parameters (powers of two >= 16; ``block_k`` divides
-    ``CACHE_ALIGN``). Per-GPU values: ``hart_jax/kernels/tile_table.json``."""
+    ``CACHE_ALIGN``). Per-GPU values: ``hart_jax/kernels/tile_table.json``.
+
+    ``block_q`` .. ``num_stages``: stages with fewer than ``long_queries`` queries; the
+    ``*_long`` values (None: the short value) serve the long stages (HART's last scales,
+    thousands of queries), where a taller query tile reads each key block for more queries.
+    """
 
     block_q: int = 64
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    block_q_long: int | None = 128
+    block_k_long: int | None = None
+    num_warps_long: int | None = None
+    num_stages_long: int | None = None
+    long_queries: int = LONG_QUERIES
 
     def __post_init__(self):
-        for f in ("block_q", "block_k"):
+        for f in ("block_q", "block_k", "block_q_long", "block_k_long"):
             b = getattr(self, f)
+            if b is None and f.endswith("_long"):
+                continue
             if b < 16 or b & (b - 1):
                 raise ValueError(f"CacheAttentionConfig.{f} must be a power of two >= 16, got {b}")
-        if CACHE_ALIGN % self.block_k:
-            raise ValueError(f"CacheAttentionConfig.block_k must divide {CACHE_ALIGN}, got {self.block_k}")
+            if f.startswith("block_k") and CACHE_ALIGN % b:
+                raise ValueError(f"CacheAttentionConfig.{f} must divide {CACHE_ALIGN}, got {b}")
+
+    def long_tiles(self) -> tuple[int, int, int, int]:
+        """The long stages' ``(block_q, block_k, num_warps, num_stages)``, short values filling the unset."""
+        pick = lambda own, short: short if own is None else own  # noqa: E731
+        return (pick(self.block_q_long, self.block_q), pick(self.block_k_long, self.block_k),
+                pick(self.num_warps_long, self.num_warps), pick(self.num_stages_long, self.num_stages))
+
+    def tiles_for(self, queries: int) -> tuple[int, int, int, int]:
+        """``(block_q, block_k, num_warps, num_stages)`` for a stage of ``queries`` queries."""
+        if queries >= self.long_queries:
+            return self.long_tiles()
+        return self.block_q, self.block_k, self.num_warps, self.num_stages
 
 
 def padded_cache_length(length: int) -> int:
-    """Cache size to allocate for ``length`` tokens so the kernel never pads (copies) it."""
+    """Cache size the sampler allocates for ``length`` tokens: a multiple of ``CACHE_ALIGN``
+    (the kernel takes any length; this one keeps every key block aligned)."""
     return round_up(length, CACHE_ALIGN)
 
 
-def _attend_cache(q, n, load_k, load_v, *, c, block_k, precision):
-    """Online softmax of the query block ``q`` over cache entries ``[0, n)``.
+def _attend_cache(q, n, load_k, load_v, *, c, block_k, k_len, precision):
+    """Online softmax of the query block ``q`` over cache entries ``[0, n)``: the key blocks
+    below ``n`` whole are read unmasked, the one holding entry ``n - 1`` (if ragged) masked.
 
-    ``load_k(ks)`` / ``load_v(ks)`` read the ``[block_k, D]`` key / value block ``ks``.
+    ``k_len`` is the cache length (static). ``load_k(ks, rows)`` / ``load_v(ks, rows)`` read
+    the ``[block_k, D]`` key / value block ``ks``, rows outside the ``rows`` mask (None: all
+    in) as 0.
     """
     block_q, d = q.shape
 
-    def body(j, carry):
+    def body(j, carry, masked):
         acc, m, l = carry
         start = pl.multiple_of(j * block_k, block_k)
         ks = pl.ds(start, block_k)
-        visible = (start + jnp.arange(block_k, dtype=jnp.int32)) < n
-        s = dot(q, load_k(ks), trans_b=True, precision=precision) * c
-        s = jnp.where(visible[None, :], s, -jnp.inf)
-        return online_softmax_step(acc, m, l, s, load_v(ks), precision)
+        rows = row_mask(start, block_k, n) if masked else None
+        s = dot(q, load_k(ks, rows), trans_b=True, precision=precision)
+        if masked:
+            s = jnp.where(rows[None, :], s, -jnp.inf)
+        return online_softmax_step(acc, m, l, s, load_v(ks, rows), c, precision)
 
-    acc, _, l = lax.fori_loop(0, pl.cdiv(n, block_k), body, online_softmax_init(block_q, d))
+    whole, carry = 0, online_softmax_init(block_q, d)
+    if k_len >= block_k:  # else no block is whole (and an unmasked load would overrun the cache)
+        whole = n // block_k
+        carry = lax.fori_loop(0, whole, functools.partial(body, masked=False), carry)
+    acc, _, l = lax.fori_loop(whole, pl.cdiv(n, block_k), functools.partial(body, masked=True), carry)
     return acc / jnp.where(l == 0.0, 1.0, l)[:, None]
 
 
-def _cache_kernel(n_ref, q_ref, k_ref, v_ref, o_ref, **kw):
-    """One query block against the ``[Pm, D]`` cache block of its (row, head)."""
-    out = _attend_cache(q_ref[...], n_ref[()], lambda ks: k_ref[ks, :], lambda ks: v_ref[ks, :], **kw)
-    o_ref[...] = out.astype(o_ref.dtype)
-
-
-def _stacked_cache_kernel(layer_ref, n_ref, q_ref, k_ref, v_ref, o_ref, **kw):
-    """As ``_cache_kernel``, reading layer ``layer_ref[0]`` of the whole ``[X, B, Pm, A, D]`` caches."""
-    layer, b, h = layer_ref[0], pl.program_id(1), pl.program_id(2)
+def _cache_kernel(n_ref, q_ref, k_ref, v_ref, o_ref, *, q_len, **kw):
+    """One query block against the ``[K, D]`` cache block of its (row, head)."""
+    block_q = q_ref.shape[0]
+    q_rows = row_mask(pl.program_id(0) * block_q, block_q, q_len)
     out = _attend_cache(
-        q_ref[...], n_ref[()], lambda ks: k_ref[layer, b, ks, h, :], lambda ks: v_ref[layer, b, ks, h, :], **kw
+        load_rows(q_ref, q_rows), n_ref[()],
+        lambda ks, rows: load_rows(k_ref.at[ks, :], rows), lambda ks, rows: load_rows(v_ref.at[ks, :], rows), **kw,
     )
-    o_ref[...] = out.astype(o_ref.dtype)
+    store_rows(o_ref, out.astype(o_ref.dtype), q_rows)
+
+
+def _stacked_cache_kernel(layer_ref, n_ref, q_ref, k_ref, v_ref, o_ref, *, q_len, **kw):
+    """As ``_cache_kernel``, reading layer ``layer_ref[0]`` of the whole ``[X, B, K, A, D]`` caches."""
+    layer, b, h = layer_ref[0], pl.program_id(1), pl.program_id(2)
+    block_q = q_ref.shape[0]
+    q_rows = row_mask(pl.program_id(0) * block_q, block_q, q_len)
+    out = _attend_cache(
+        load_rows(q_ref, q_rows), n_ref[()],
+        lambda ks, rows: load_rows(k_ref.at[layer, b, ks, h, :], rows),
+        lambda ks, rows: load_rows(v_ref.at[layer, b, ks, h, :], rows),
+        **kw,
+    )
+    store_rows(o_ref, out.astype(o_ref.dtype), q_rows)
 
 
 def _cache_call(q, k, v, n_B, layer, *, scale, block_q, block_k, num_warps, num_stages, precision, interpret):
-    """``layer`` None: k, v are ``[B, Pm, A, D]``; else int32 ``[1]`` and k, v are stacked ``[X, B, Pm, A, D]``."""
-    B, Pq, A, D = q.shape
-    nq = Pq // block_q
-    kw = dict(c=scale * LOG2E, block_k=block_k, precision=precision)
+    """``layer`` None: k, v are ``[B, K, A, D]``; else int32 ``[1]`` and k, v are stacked ``[X, B, K, A, D]``."""
+    B, Q, A, D = q.shape
+    nq = pl.cdiv(Q, block_q)
+    kw = dict(c=scale * LOG2E, block_k=block_k, k_len=k.shape[-3], precision=precision,
+              q_len=Q if Q % block_q else None)
     q_spec = pl.BlockSpec((SQ, block_q, SQ, D), lambda i, b, h: (b, i, h, 0))
     n_spec = pl.BlockSpec((SQ,), lambda i, b, h: (b,))
     if layer is None:
-        Pm = k.shape[1]
-        kv_spec = pl.BlockSpec((SQ, Pm, SQ, D), lambda i, b, h: (b, 0, h, 0))
+        K = k.shape[1]
+        kv_spec = pl.BlockSpec((SQ, K, SQ, D), lambda i, b, h: (b, 0, h, 0))
         kernel, in_specs, args = _cache_kernel, [n_spec, q_spec, kv_spec, kv_spec], (n_B, q, k, v)
     else:
         # the stacked caches stay whole (no block of them is copied); the kernel indexes them
@@ -209,7 +266,7 @@ def cache_attention(
       scale: softmax scale (HART: ``0.25 / sqrt(D)``).
       layer: int scalar (may be traced): the block whose caches to read. The kernel
         indexes the stacked arrays itself, so no per-layer copy of the cache is made
-        (unless K or D need padding, see ``padded_cache_length``). Clamped to
+        (unless D needs padding). Clamped to
         ``[0, X)`` like ``lax.dynamic_slice``.
       config, precision, interpret: as for ``level_attention``.
 
@@ -217,33 +274,31 @@ def cache_attention(
       ``[B, Q, A, D]`` in the input dtype.
     """
     layer_1 = check_cache_inputs(q_BQAD, k_cache, v_cache, layer)
+    check_scale(scale)
     Lm_axis = 1 if layer_1 is None else 2
     cfg = config or CacheAttentionConfig()
     B, Q, A, D = q_BQAD.shape
     K = k_cache.shape[Lm_axis]
     n_B = jnp.clip(valid_len_1d(valid_len, B), 0, K)
 
-    block_q = fit_block(cfg.block_q, Q)
-    block_k = fit_block(cfg.block_k, K)
-    Dp = padded_head_dim(D)
-    Pm = round_up(K, block_k)
-    if layer_1 is not None and (Pm != K or Dp != D):
+    block_q, block_k, num_warps, num_stages = cfg.tiles_for(Q)
+    block_q, block_k = fit_block(block_q, Q), fit_block(block_k, K)
+    Dp = padded_head_dim(D)  # HART's 64 is not padded
+    if layer_1 is not None and Dp != D:
         # padding would copy the whole stack: copy just this layer instead
         k_cache, v_cache = (
             lax.dynamic_index_in_dim(c, layer_1[0], axis=0, keepdims=False) for c in (k_cache, v_cache)
         )
-        layer_1, Lm_axis = None, 1
-    q = pad_axis(pad_axis(q_BQAD, 3, Dp), 1, round_up(Q, block_q))
-    k = pad_axis(pad_axis(k_cache, -1, Dp), Lm_axis, Pm)
-    v = pad_axis(pad_axis(v_cache, -1, Dp), Lm_axis, Pm)
+        layer_1 = None
+    q, k, v = (pad_axis(x, -1, Dp) for x in (q_BQAD, k_cache, v_cache))
     kw = (
         ("scale", float(scale)),
         ("block_q", block_q),
         ("block_k", block_k),
-        ("num_warps", cfg.num_warps),
-        ("num_stages", cfg.num_stages),
+        ("num_warps", num_warps),
+        ("num_stages", num_stages),
         ("precision", precision),
         ("interpret", bool(interpret)),
     )
     o = _forward_only(q, k, v, n_B, layer_1, kw)
-    return o[:, :Q, :, :D]
+    return o if Dp == D else o[..., :D]

@@ -2,7 +2,8 @@
 
 The kernels are written for the Pallas Triton backend. Its 2-D matmul is
 ``jax.experimental.pallas.triton.dot`` (``pl.dot`` is a deprecated alias); a
-squeezed block dimension is ``pl.squeezed`` (formerly ``None``). The class holding its
+squeezed block dimension is ``pl.squeezed`` (formerly ``None``); masked loads and stores
+are ``pallas.triton.load`` / ``store`` (formerly ``pl.load`` / ``pl.store``). The class holding its
 compiler parameters is ``jax.experimental.pallas.triton.CompilerParams`` on the
 pinned JAX 0.10.2 and on 0.11.x; older releases called it
 ``TritonCompilerParams`` (in ``pallas.triton`` or ``pallas.gpu``) or exposed it
@@ -21,6 +22,12 @@ try:  # JAX >= 0.7 keeps the Triton dot here; pl.dot is deprecated
 except ImportError:  # pragma: no cover - older JAX
     _triton_dot = None
 
+try:  # masked loads / stores (JAX >= 0.7: pallas.triton.load / store on a ref view)
+    from jax.experimental.pallas.triton import load as _triton_load
+    from jax.experimental.pallas.triton import store as _triton_store
+except ImportError:  # pragma: no cover - older JAX: pl.load / pl.store with an index
+    _triton_load = _triton_store = None
+
 
 # A block dimension that is indexed away (size 1, not present in the kernel's ref).
 # ``pl.squeezed`` on current JAX; ``None`` meant the same before it existed.
@@ -31,6 +38,27 @@ def dot(a, b, trans_a: bool = False, trans_b: bool = False, precision=None):
     """Pallas 2-D matmul with fp32 accumulation (``pallas.triton.dot``, formerly ``pl.dot``)."""
     fn = _triton_dot if _triton_dot is not None else pl.dot
     return fn(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+def load(ref, mask=None, other=None):
+    """Read the whole of ``ref`` (a ref or a ``ref.at[...]`` view); where ``mask`` (broadcast to
+    its shape) is False nothing is read and ``other`` is returned. Rows past the end of the
+    array may only be read masked (on the GPU they are outside the buffer)."""
+    if mask is None:
+        return ref[...]
+    if _triton_load is not None:
+        return _triton_load(ref, mask=mask, other=other)
+    return pl.load(ref, (), mask=mask, other=other)  # pragma: no cover
+
+
+def store(ref, val, mask=None) -> None:
+    """Write ``val`` to the whole of ``ref``, only where ``mask`` (broadcast) is True."""
+    if mask is None:
+        ref[...] = val
+    elif _triton_store is not None:
+        _triton_store(ref, val, mask=mask)
+    else:  # pragma: no cover
+        pl.store(ref, (), val, mask=mask)
 
 
 @functools.lru_cache(maxsize=None)

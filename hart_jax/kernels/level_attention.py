@@ -13,21 +13,28 @@ Schedule (FlashAttention-2):
   ``[lo, nq)``; one kernel per query block accumulates dq over key blocks
   ``[0, hi)`` (each backward kernel may have its own tiles).
 ``hi`` and ``lo`` come from small per-block tables built outside the kernel
-(max query level per query block, min key level per key block): every block
-outside the loop range is fully masked, whatever the order of the levels, and
-for HART's sorted layout the loops cover exactly the blocks that see anything.
-Inside the range the mask is applied element by element.
+(``kv_bounds``, ``q_bounds``: max / min levels per block): every block outside the
+loop range is fully masked, whatever the order of the levels, and for HART's
+sorted layout the loops cover exactly the blocks that see anything. The tables
+also mark the blocks every query of the block sees whole (``full``, ``flo``): those
+are read with no mask at all (no level loads, compares or selects); only the
+blocks on a level boundary and a ragged last block are masked element by element.
 
-Lengths that are not multiples of the block sizes are padded: padded keys get
-level ``INT32_MAX`` (never visible), padded queries level ``-1`` (see nothing,
-output 0). The head dim is zero-padded to a power of two >= 16 (Triton's dot
-needs it). Logits, softmax and accumulators are fp32 for bf16 and fp32 inputs;
-fp32 matmuls run at full IEEE precision (``precision=HIGHEST``, no TF32) unless
-told otherwise.
+No input is padded along the sequence: when a length is not a multiple of its
+block, the last block overhangs the array and its rows past the end are masked out
+of every load and store (``load_rows`` / ``store_rows``), so HART's 9750 tokens cost
+no padded copy of q, k, v, do and no slice of o. Only a head dim that is not a power
+of two >= 16 is zero-padded (Triton's dot needs it; HART's 64 is not).
+
+The softmax scale is not applied to the scores: ``c = scale * log2(e)`` enters
+only the exp2 argument, ``exp2(s * c - m * c)`` (the running max ``m`` is kept
+unscaled), which the compiler fuses into one FMA per score; the log-sum-exp is
+base 2 of the scaled logits in the forward and both backward kernels. Logits,
+softmax and accumulators are fp32 for bf16 and fp32 inputs; fp32 matmuls run at
+full IEEE precision (``precision=HIGHEST``, no TF32) unless told otherwise.
 
 Dimensions (docs/design.md): B batch; L tokens; Q query tokens; K key tokens;
-P padded tokens (Q or K rounded up to the block); A heads; D head dim (padded to a power
-of two); n blocks (query or key blocks).
+A heads; D head dim (padded to a power of two); n blocks (query or key blocks).
 """
 
 from __future__ import annotations
@@ -43,12 +50,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from hart_jax.kernels.compat import SQUEEZED as SQ
-from hart_jax.kernels.compat import dot, triton_compiler_params
+from hart_jax.kernels.compat import dot, load, store, triton_compiler_params
 from hart_jax.kernels.reference import levels_2d
 
 LOG2E = math.log2(math.e)
-PAD_Q_LEVEL = -1  # a padded query sees no key
-PAD_K_LEVEL = int(np.iinfo(np.int32).max)  # a padded key is seen by no query
+INT32_MIN = int(np.iinfo(np.int32).min)  # level of a query row past the end: it sees no key
+INT32_MAX = int(np.iinfo(np.int32).max)  # level of a key row past the end: no query sees it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +151,12 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, k_name: str = "k") -> No
         raise ValueError(f"attention inputs must be float32, bfloat16 or float16, got {q.dtype}")
 
 
+def check_scale(scale: float) -> None:
+    """The kernels keep the running max of unscaled scores, which needs ``scale > 0``."""
+    if not float(scale) > 0:
+        raise ValueError(f"the softmax scale must be positive, got {scale}")
+
+
 def tile_metadata(block_q: int, block_k: int, num_warps: int, num_stages: int) -> dict[str, str]:
     """A kernel's tiles as ``pallas_call`` metadata (JSON in the lowered HLO; no effect on the kernel)."""
     return {"block_q": str(block_q), "block_k": str(block_k), "num_warps": str(num_warps),
@@ -161,36 +174,60 @@ def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- block tables
+# Built from the unpadded level ids (small int arrays, outside the kernels). A block pair is
+# "visible" when some query of the q block may see some key of the k block, "whole" when every
+# query sees every key (no mask needed). A kernel loops over one side's blocks with unmasked
+# loads only where they hold no row past the end: the fwd / dq loops over key blocks never read
+# a ragged last key block unmasked, the dk/dv loop never a ragged last query block. (The block
+# a program owns is loaded masked once; its rows past the end compute finite garbage that
+# stays in rows that are never stored.)
 
 
-def _block_reduce(levels_BP: jax.Array, block: int, op) -> jax.Array:
-    B, P = levels_BP.shape
-    return op(levels_BP.reshape(B, P // block, block), axis=-1)
+def _block_reduce(lev_BL: jax.Array, block: int, op, pad_value: int) -> jax.Array:
+    """``op`` over each block of ``block`` ids ``[B, n]``; a ragged tail is filled with ``pad_value``."""
+    B, L = lev_BL.shape
+    P = round_up(L, block)
+    return op(pad_axis(lev_BL, 1, P, pad_value).reshape(B, P // block, block), axis=-1)
 
 
-def _visible_blocks(q_lev_BP, k_lev_BP, block_q: int, block_k: int) -> jax.Array:
-    """``[B, nq, nk]``: True where some query of the q block may see some key of the k block."""
-    qmax_Bn = _block_reduce(q_lev_BP, block_q, jnp.max)
-    kmin_Bn = _block_reduce(k_lev_BP, block_k, jnp.min)
-    return kmin_Bn[:, None, :] <= qmax_Bn[:, :, None]
+def block_visibility(q_lev_BQ, k_lev_BK, block_q: int, block_k: int) -> tuple[jax.Array, jax.Array]:
+    """``(visible, whole)``, bool ``[B, nq, nk]`` (see above), over the real rows of each block."""
+    qmax = _block_reduce(q_lev_BQ, block_q, jnp.max, INT32_MIN)
+    qmin = _block_reduce(q_lev_BQ, block_q, jnp.min, INT32_MAX)
+    kmin = _block_reduce(k_lev_BK, block_k, jnp.min, INT32_MAX)
+    kmax = _block_reduce(k_lev_BK, block_k, jnp.max, INT32_MIN)
+    return kmin[:, None, :] <= qmax[:, :, None], kmax[:, None, :] <= qmin[:, :, None]
 
 
-def kv_upper_bounds(q_lev_BP, k_lev_BP, block_q: int, block_k: int) -> jax.Array:
-    """int32 ``[B, nq]``: 1 + index of the last key block a query block may see (0: none)."""
-    vis = _visible_blocks(q_lev_BP, k_lev_BP, block_q, block_k)
-    idx = jnp.arange(1, vis.shape[2] + 1, dtype=jnp.int32)
-    return jnp.max(jnp.where(vis, idx, 0), axis=2).astype(jnp.int32)
+def kv_bounds(q_lev_BQ, k_lev_BK, block_q: int, block_k: int) -> tuple[jax.Array, jax.Array]:
+    """int32 ``([B, nq], [B, nq])``: per query block, the key blocks ``[0, full)`` are seen whole
+    by each query (read unmasked) and ``[full, hi)`` hold the rest of what it may see (masked)."""
+    visible, whole = block_visibility(q_lev_BQ, k_lev_BK, block_q, block_k)
+    whole = whole & (jnp.arange(whole.shape[2]) < k_lev_BK.shape[1] // block_k)  # a ragged key block: masked
+    idx = jnp.arange(1, visible.shape[2] + 1, dtype=jnp.int32)
+    hi = jnp.max(jnp.where(visible, idx, 0), axis=2).astype(jnp.int32)
+    full = jnp.sum(jnp.cumprod(whole.astype(jnp.int32), axis=2), axis=2).astype(jnp.int32)
+    return full, hi
 
 
-def q_lower_bounds(q_lev_BP, k_lev_BP, block_q: int, block_k: int) -> jax.Array:
-    """int32 ``[B, nk]``: first query block that may see a key block (nq: none)."""
-    vis = _visible_blocks(q_lev_BP, k_lev_BP, block_q, block_k)
-    nq = vis.shape[1]
+def q_bounds(q_lev_BQ, k_lev_BK, block_q: int, block_k: int) -> tuple[jax.Array, jax.Array]:
+    """int32 ``([B, nk], [B, nk])``: per key block, the query blocks ``[lo, flo)`` may see some of
+    it (masked), ``[flo, Q // block_q)`` see all of it (unmasked); a ragged last query block,
+    if ``flo`` is below it, is read masked after them."""
+    visible, whole = block_visibility(q_lev_BQ, k_lev_BK, block_q, block_k)
+    nq = visible.shape[1]
+    nq_whole = q_lev_BQ.shape[1] // block_q
     idx = jnp.arange(nq, dtype=jnp.int32)[None, :, None]
-    return jnp.min(jnp.where(vis, idx, nq), axis=1).astype(jnp.int32)
+    lo = jnp.min(jnp.where(visible, idx, nq), axis=1).astype(jnp.int32)
+    # a ragged query block is left out (the kernel reads it masked, last)
+    trailing = jnp.sum(jnp.cumprod(whole[:, :nq_whole][:, ::-1].astype(jnp.int32), axis=1), axis=1)
+    flo = jnp.maximum(nq_whole - trailing, lo).astype(jnp.int32)
+    return lo, flo
 
 
 # ----------------------------------------------------------------------------- kernels
+# Scores stay unscaled in the loops: the softmax scale times log2(e) (``c``) meets them only in
+# the exp2 argument ``s * c - m * c`` (one FMA per score); the running max is kept unscaled.
 
 
 def online_softmax_init(block_q: int, d: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -202,121 +239,191 @@ def online_softmax_init(block_q: int, d: int) -> tuple[jax.Array, jax.Array, jax
     )
 
 
-def online_softmax_step(acc, m, l, s, v, precision):
-    """Fold one key block into the running (base-2) softmax: ``s`` are the block's
-    scaled, masked logits ``[block_q, block_k]``, ``v`` its values. Rows that have seen
-    no visible key yet keep a zero accumulator."""
+def online_softmax_step(acc, m, l, s, v, c, precision):
+    """Fold one key block into the running base-2 softmax: ``s`` are the block's unscaled,
+    masked (-inf) logits ``[block_q, block_k]``, ``v`` its values, ``c`` the scale times
+    log2(e) (> 0). ``m`` is the unscaled running max. Rows that have seen no visible key yet
+    keep a zero accumulator."""
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp2(s - m_use[:, None])
-    alpha = jnp.exp2(m - m_use)
+    mc = jnp.where(m_new == -jnp.inf, 0.0, m_new * c)
+    p = jnp.exp2(s * c - mc[:, None])
+    alpha = jnp.exp2(m * c - mc)
     l = l * alpha + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision=precision)
     return acc, m_new, l
 
 
-def _fwd_kernel(hi_ref, q_lev_ref, k_lev_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, c, block_k, precision):
-    """One query block: online softmax over key blocks ``[0, hi)``; stores o and base-2 lse."""
-    q = q_ref[...]
-    q_lev = q_lev_ref[...]
-    block_q, d = q.shape
+def row_mask(start, size: int, length: int | None):
+    """bool ``[size]``: rows ``start + [0, size)`` that are ``< length`` (None: no mask needed)."""
+    if length is None:
+        return None
+    return (start + jnp.arange(size, dtype=jnp.int32)) < length
 
-    def body(j, carry):
+
+def load_rows(ref, rows, other=0):
+    """``ref`` (``[n]`` or ``[n, D]``), rows outside the ``rows`` mask (None: all in) read as ``other``."""
+    if rows is None:
+        return ref[...]
+    mask = rows if len(ref.shape) == 1 else rows[:, None]
+    return load(ref, mask=mask, other=other)
+
+
+def store_rows(ref, val, rows) -> None:
+    """Write ``val`` to the rows of ``ref`` inside the ``rows`` mask (None: all)."""
+    store(ref, val, mask=None if rows is None else (rows if len(ref.shape) == 1 else rows[:, None]))
+
+
+def _ragged(length: int, block: int) -> int | None:
+    """``length`` if its last block is ragged (its loads need a row mask), else None."""
+    return length if length % block else None
+
+
+def _has_whole(ragged_len: int | None, block: int) -> bool:
+    """Whether a length (``_ragged``'s result: None when a multiple of ``block``) has a whole
+    block; if not, the unmasked loop is not even traced (its loads would overrun the array)."""
+    return ragged_len is None or ragged_len >= block
+
+
+def _fwd_kernel(
+    full_ref, hi_ref, q_lev_ref, k_lev_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+    *, c, block_k, num_q_blocks, q_len, k_len, precision,
+):
+    """One query block: online softmax over key blocks ``[0, full)`` unmasked, then ``[full, hi)``
+    masked; stores o and the base-2 lse of the scaled logits."""
+    block_q, d = q_ref.shape
+    q_rows = row_mask((num_q_blocks - 1 - pl.program_id(0)) * block_q, block_q, q_len)
+    q = load_rows(q_ref, q_rows)
+    q_lev = load_rows(q_lev_ref, q_rows, INT32_MIN)
+
+    def body(j, carry, masked):
         acc, m, l = carry
-        ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-        k = k_ref[ks, :]
-        visible = k_lev_ref[ks][None, :] <= q_lev[:, None]
-        s = dot(q, k, trans_b=True, precision=precision) * c
-        s = jnp.where(visible, s, -jnp.inf)
-        return online_softmax_step(acc, m, l, s, v_ref[ks, :], precision)
+        start = pl.multiple_of(j * block_k, block_k)
+        ks = pl.ds(start, block_k)
+        k_rows = row_mask(start, block_k, k_len) if masked else None
+        s = dot(q, load_rows(k_ref.at[ks, :], k_rows), trans_b=True, precision=precision)
+        if masked:
+            visible = load_rows(k_lev_ref.at[ks], k_rows, INT32_MAX)[None, :] <= q_lev[:, None]
+            s = jnp.where(visible, s, -jnp.inf)
+        return online_softmax_step(acc, m, l, s, load_rows(v_ref.at[ks, :], k_rows), c, precision)
 
-    acc, m, l = lax.fori_loop(0, hi_ref[()], body, online_softmax_init(block_q, d))
+    full, carry = full_ref[()], online_softmax_init(block_q, d)
+    if _has_whole(k_len, block_k):
+        carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
+    acc, m, l = lax.fori_loop(full, hi_ref[()], functools.partial(body, masked=True), carry)
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(l_safe))
+    store_rows(o_ref, (acc / l_safe[:, None]).astype(o_ref.dtype), q_rows)
+    store_rows(lse_ref, jnp.where(empty, jnp.inf, m * c + jnp.log2(l_safe)), q_rows)
 
 
 def _dkv_kernel(
-    lo_ref, q_lev_ref, k_lev_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-    *, c, scale, block_q, num_q_blocks, precision,
+    lo_ref, flo_ref, q_lev_ref, k_lev_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+    *, c, scale, block_q, q_len, k_len, precision,
 ):
-    """One key block: dk, dv accumulated over query blocks ``[lo, nq)``."""
-    k = k_ref[...]
-    v = v_ref[...]
-    k_lev = k_lev_ref[...]
-    block_k, d = k.shape
+    """One key block: dk, dv accumulated over query blocks ``[lo, flo)`` masked, ``[flo, nq_whole)``
+    unmasked, then the ragged last query block (if any) masked."""
+    block_k, d = k_ref.shape
+    k_rows = row_mask(pl.program_id(0) * block_k, block_k, k_len)
+    k = load_rows(k_ref, k_rows)
+    v = load_rows(v_ref, k_rows)
+    k_lev = load_rows(k_lev_ref, k_rows, INT32_MAX)
+    nq_whole = q_len // block_q
 
-    def body(i, carry):
+    def body(i, carry, masked):
         dk, dv = carry
-        qs = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
-        q = q_ref[qs, :]
-        do = do_ref[qs, :]
-        visible = k_lev[None, :] <= q_lev_ref[qs][:, None]
-        s = dot(q, k, trans_b=True, precision=precision) * c
-        p = jnp.where(visible, jnp.exp2(s - lse_ref[qs][:, None]), 0.0)
+        start = pl.multiple_of(i * block_q, block_q)
+        qs = pl.ds(start, block_q)
+        q_rows = row_mask(start, block_q, _ragged(q_len, block_q)) if masked else None
+        q = load_rows(q_ref.at[qs, :], q_rows)
+        do = load_rows(do_ref.at[qs, :], q_rows)
+        lse = load_rows(lse_ref.at[qs], q_rows)
+        delta = load_rows(delta_ref.at[qs], q_rows)
+        s = dot(q, k, trans_b=True, precision=precision)
+        p = jnp.exp2(s * c - lse[:, None])
+        if masked:
+            q_lev = load_rows(q_lev_ref.at[qs], q_rows, INT32_MIN)
+            p = jnp.where(k_lev[None, :] <= q_lev[:, None], p, 0.0)
         dv = dv + dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
         dp = dot(do, v, trans_b=True, precision=precision)
-        ds = p * (dp - delta_ref[qs][:, None])
+        ds = p * (dp - delta[:, None])
         dk = dk + dot(ds.astype(q.dtype), q, trans_a=True, precision=precision)
         return dk, dv
 
-    init = (jnp.zeros((block_k, d), jnp.float32), jnp.zeros((block_k, d), jnp.float32))
-    dk, dv = lax.fori_loop(lo_ref[()], num_q_blocks, body, init)
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    lo, flo = lo_ref[()], flo_ref[()]
+    carry = (jnp.zeros((block_k, d), jnp.float32), jnp.zeros((block_k, d), jnp.float32))
+    carry = lax.fori_loop(lo, flo, functools.partial(body, masked=True), carry)
+    if nq_whole:
+        carry = lax.fori_loop(flo, nq_whole, functools.partial(body, masked=False), carry)
+    if q_len % block_q:
+        carry = lax.fori_loop(jnp.maximum(flo, nq_whole), nq_whole + 1, functools.partial(body, masked=True), carry)
+    dk, dv = carry
+    store_rows(dk_ref, (dk * scale).astype(dk_ref.dtype), k_rows)
+    store_rows(dv_ref, dv.astype(dv_ref.dtype), k_rows)
 
 
 def _dq_kernel(
-    hi_ref, q_lev_ref, k_lev_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-    *, c, scale, block_k, precision,
+    full_ref, hi_ref, q_lev_ref, k_lev_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+    *, c, scale, block_k, num_q_blocks, q_len, k_len, precision,
 ):
-    """One query block: dq accumulated over key blocks ``[0, hi)``."""
-    q = q_ref[...]
-    do = do_ref[...]
-    q_lev = q_lev_ref[...]
-    lse = lse_ref[...]
-    delta = delta_ref[...]
-    block_q, d = q.shape
+    """One query block: dq accumulated over key blocks ``[0, full)`` unmasked, ``[full, hi)`` masked."""
+    block_q, d = q_ref.shape
+    q_rows = row_mask((num_q_blocks - 1 - pl.program_id(0)) * block_q, block_q, q_len)
+    q = load_rows(q_ref, q_rows)
+    do = load_rows(do_ref, q_rows)
+    q_lev = load_rows(q_lev_ref, q_rows, INT32_MIN)
+    lse = load_rows(lse_ref, q_rows)
+    delta = load_rows(delta_ref, q_rows)
 
-    def body(j, dq):
-        ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-        k = k_ref[ks, :]
-        v = v_ref[ks, :]
-        visible = k_lev_ref[ks][None, :] <= q_lev[:, None]
-        s = dot(q, k, trans_b=True, precision=precision) * c
-        p = jnp.where(visible, jnp.exp2(s - lse[:, None]), 0.0)
+    def body(j, dq, masked):
+        start = pl.multiple_of(j * block_k, block_k)
+        ks = pl.ds(start, block_k)
+        k_rows = row_mask(start, block_k, k_len) if masked else None
+        k = load_rows(k_ref.at[ks, :], k_rows)
+        v = load_rows(v_ref.at[ks, :], k_rows)
+        s = dot(q, k, trans_b=True, precision=precision)
+        p = jnp.exp2(s * c - lse[:, None])
+        if masked:
+            visible = load_rows(k_lev_ref.at[ks], k_rows, INT32_MAX)[None, :] <= q_lev[:, None]
+            p = jnp.where(visible, p, 0.0)
         dp = dot(do, v, trans_b=True, precision=precision)
         ds = p * (dp - delta[:, None])
         return dq + dot(ds.astype(k.dtype), k, precision=precision)
 
-    dq = lax.fori_loop(0, hi_ref[()], body, jnp.zeros((block_q, d), jnp.float32))
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    full, dq = full_ref[()], jnp.zeros((block_q, d), jnp.float32)
+    if _has_whole(k_len, block_k):
+        dq = lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
+    dq = lax.fori_loop(full, hi_ref[()], functools.partial(body, masked=True), dq)
+    store_rows(dq_ref, (dq * scale).astype(dq_ref.dtype), q_rows)
 
 
 # ----------------------------------------------------------------------------- pallas calls
 # Block shapes: SQ is a squeezed (indexed-away) dimension, so a ``(SQ, bq, SQ, D)`` block of a
-# ``[B, P, A, D]`` array is a ``[bq, D]`` ref in the kernel and ``(SQ, SQ)`` of a table is a scalar.
+# ``[B, L, A, D]`` array is a ``[bq, D]`` ref in the kernel and ``(SQ, SQ)`` of a table is a scalar.
+# The last block of a ragged length overhangs the array: the kernels read and write its rows
+# past the end only through masks, so no input is padded and no output sliced.
 
 
-def _fwd_call(q, k, v, q_lev, k_lev, hi, st: _Static):
-    B, Pq, A, D = q.shape
-    Pk = k.shape[1]
-    bq, nq = st.block_q, Pq // st.block_q
+def _fwd_call(q, k, v, q_lev, k_lev, bounds, st: _Static):
+    B, Q, A, D = q.shape
+    K = k.shape[1]
+    bq = st.block_q
+    nq = pl.cdiv(Q, bq)
     rev = lambda i: nq - 1 - i  # noqa: E731  (heavy, late query blocks first)
     kernel = functools.partial(
-        _fwd_kernel, c=st.scale * LOG2E, block_k=st.block_k, precision=st.precision
+        _fwd_kernel, c=st.scale * LOG2E, block_k=st.block_k, num_q_blocks=nq,
+        q_len=_ragged(Q, bq), k_len=_ragged(K, st.block_k), precision=st.precision,
     )
+    table = pl.BlockSpec((SQ, SQ), lambda i, b, h: (b, rev(i)))
     return pl.pallas_call(
         kernel,
         grid=(nq, B, A),
         in_specs=[
-            pl.BlockSpec((SQ, SQ), lambda i, b, h: (b, rev(i))),
+            table, table,
             pl.BlockSpec((SQ, bq), lambda i, b, h: (b, rev(i))),
-            pl.BlockSpec((SQ, Pk), lambda i, b, h: (b, 0)),
+            pl.BlockSpec((SQ, K), lambda i, b, h: (b, 0)),
             pl.BlockSpec((SQ, bq, SQ, D), lambda i, b, h: (b, rev(i), h, 0)),
-            pl.BlockSpec((SQ, Pk, SQ, D), lambda i, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((SQ, Pk, SQ, D), lambda i, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((SQ, K, SQ, D), lambda i, b, h: (b, 0, h, 0)),
+            pl.BlockSpec((SQ, K, SQ, D), lambda i, b, h: (b, 0, h, 0)),
         ],
         out_specs=[
             pl.BlockSpec((SQ, bq, SQ, D), lambda i, b, h: (b, rev(i), h, 0)),
@@ -324,35 +431,36 @@ def _fwd_call(q, k, v, q_lev, k_lev, hi, st: _Static):
         ],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((B, A, Pq), jnp.float32),
+            jax.ShapeDtypeStruct((B, A, Q), jnp.float32),
         ],
         compiler_params=triton_compiler_params(st.num_warps, st.num_stages),
         interpret=st.interpret,
         name="hart_level_attention_fwd",
         metadata=tile_metadata(st.block_q, st.block_k, st.num_warps, st.num_stages),
-    )(hi, q_lev, k_lev, q, k, v)
+    )(*bounds, q_lev, k_lev, q, k, v)
 
 
-def _bwd_calls(q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse, do, st: _Static):
-    B, Pq, A, D = q.shape
-    Pk = k.shape[1]
+def _bwd_calls(q, k, v, q_lev, k_lev, dq_bounds, dkv_bounds, o, lse, do, st: _Static):
+    B, Q, A, D = q.shape
+    K = k.shape[1]
     bq, bk = st.block_q_bwd, st.block_k_bwd
-    nq, nk = Pq // bq, Pk // bk
+    nk = pl.cdiv(K, bk)
     delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32))
 
-    full_q = pl.BlockSpec((SQ, Pq, SQ, D), lambda j, b, h: (b, 0, h, 0))
-    full_k = pl.BlockSpec((SQ, Pk, SQ, D), lambda j, b, h: (b, 0, h, 0))
-    full_row_q = pl.BlockSpec((SQ, SQ, Pq), lambda j, b, h: (b, h, 0))
+    full_q = pl.BlockSpec((SQ, Q, SQ, D), lambda j, b, h: (b, 0, h, 0))
+    full_k = pl.BlockSpec((SQ, K, SQ, D), lambda j, b, h: (b, 0, h, 0))
+    full_row_q = pl.BlockSpec((SQ, SQ, Q), lambda j, b, h: (b, h, 0))
     blk_k = pl.BlockSpec((SQ, bk, SQ, D), lambda j, b, h: (b, j, h, 0))
+    table = pl.BlockSpec((SQ, SQ), lambda j, b, h: (b, j))
     dk, dv = pl.pallas_call(
         functools.partial(
-            _dkv_kernel, c=st.scale * LOG2E, scale=st.scale, block_q=bq, num_q_blocks=nq,
-            precision=st.precision,
+            _dkv_kernel, c=st.scale * LOG2E, scale=st.scale, block_q=bq, q_len=Q,
+            k_len=_ragged(K, bk), precision=st.precision,
         ),
         grid=(nk, B, A),
         in_specs=[
-            pl.BlockSpec((SQ, SQ), lambda j, b, h: (b, j)),
-            pl.BlockSpec((SQ, Pq), lambda j, b, h: (b, 0)),
+            table, table,
+            pl.BlockSpec((SQ, Q), lambda j, b, h: (b, 0)),
             pl.BlockSpec((SQ, bk), lambda j, b, h: (b, j)),
             full_q, blk_k, blk_k, full_q, full_row_q, full_row_q,
         ],
@@ -362,22 +470,24 @@ def _bwd_calls(q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse, do, st: _Static):
         interpret=st.interpret,
         name="hart_level_attention_dkv",
         metadata=tile_metadata(bq, bk, st.num_warps_bwd, st.num_stages_bwd),
-    )(dkv_lo, q_lev, k_lev, q, k, v, do, lse, delta)
+    )(*dkv_bounds, q_lev, k_lev, q, k, v, do, lse, delta)
 
     bq, bk = st.block_q_dq, st.block_k_dq
-    nq = Pq // bq
+    nq = pl.cdiv(Q, bq)
     rev = lambda i: nq - 1 - i  # noqa: E731
     blk_q = pl.BlockSpec((SQ, bq, SQ, D), lambda i, b, h: (b, rev(i), h, 0))
     blk_row_q = pl.BlockSpec((SQ, SQ, bq), lambda i, b, h: (b, h, rev(i)))
+    table = pl.BlockSpec((SQ, SQ), lambda i, b, h: (b, rev(i)))
     dq = pl.pallas_call(
         functools.partial(
-            _dq_kernel, c=st.scale * LOG2E, scale=st.scale, block_k=bk, precision=st.precision
+            _dq_kernel, c=st.scale * LOG2E, scale=st.scale, block_k=bk, num_q_blocks=nq,
+            q_len=_ragged(Q, bq), k_len=_ragged(K, bk), precision=st.precision,
         ),
         grid=(nq, B, A),
         in_specs=[
-            pl.BlockSpec((SQ, SQ), lambda i, b, h: (b, rev(i))),
+            table, table,
             pl.BlockSpec((SQ, bq), lambda i, b, h: (b, rev(i))),
-            pl.BlockSpec((SQ, Pk), lambda i, b, h: (b, 0)),
+            pl.BlockSpec((SQ, K), lambda i, b, h: (b, 0)),
             blk_q, full_k, full_k, blk_q, blk_row_q, blk_row_q,
         ],
         out_specs=blk_q,
@@ -386,23 +496,23 @@ def _bwd_calls(q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse, do, st: _Static):
         interpret=st.interpret,
         name="hart_level_attention_dq",
         metadata=tile_metadata(bq, bk, st.num_warps_dq, st.num_stages_dq),
-    )(dq_hi, q_lev, k_lev, q, k, v, do, lse, delta)
+    )(*dq_bounds, q_lev, k_lev, q, k, v, do, lse, delta)
     return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _flash(q, k, v, q_lev, k_lev, fwd_hi, dq_hi, dkv_lo, st: _Static):
-    return _fwd_call(q, k, v, q_lev, k_lev, fwd_hi, st)[0]
+def _flash(q, k, v, q_lev, k_lev, fwd_bounds, dq_bounds, dkv_bounds, st: _Static):
+    return _fwd_call(q, k, v, q_lev, k_lev, fwd_bounds, st)[0]
 
 
-def _flash_fwd(q, k, v, q_lev, k_lev, fwd_hi, dq_hi, dkv_lo, st: _Static):
-    o, lse = _fwd_call(q, k, v, q_lev, k_lev, fwd_hi, st)
-    return o, (q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse)
+def _flash_fwd(q, k, v, q_lev, k_lev, fwd_bounds, dq_bounds, dkv_bounds, st: _Static):
+    o, lse = _fwd_call(q, k, v, q_lev, k_lev, fwd_bounds, st)
+    return o, (q, k, v, q_lev, k_lev, dq_bounds, dkv_bounds, o, lse)
 
 
 def _flash_bwd(st: _Static, res, do):
-    q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse = res
-    dq, dk, dv = _bwd_calls(q, k, v, q_lev, k_lev, dq_hi, dkv_lo, o, lse, do, st)
+    q, k, v, q_lev, k_lev, dq_bounds, dkv_bounds, o, lse = res
+    dq, dk, dv = _bwd_calls(q, k, v, q_lev, k_lev, dq_bounds, dkv_bounds, o, lse, do, st)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -439,6 +549,7 @@ def level_attention(
       ``[B, Q, A, D]`` in the input dtype.
     """
     check_qkv(q_BQAD, k_BKAD, v_BKAD)
+    check_scale(scale)
     cfg = config or LevelAttentionConfig()
     B, Q, A, D = q_BQAD.shape
     K = k_BKAD.shape[1]
@@ -463,19 +574,10 @@ def level_attention(
         precision=precision,
         interpret=bool(interpret),
     )
-    # every block size is a power of two: the largest is a multiple of the others
-    Pq = round_up(Q, max(st.block_q, st.block_q_bwd, st.block_q_dq))
-    Pk = round_up(K, max(st.block_k, st.block_k_bwd, st.block_k_dq))
-    Dp = padded_head_dim(D)
-
-    q = pad_axis(pad_axis(q_BQAD, 3, Dp), 1, Pq)
-    k = pad_axis(pad_axis(k_BKAD, 3, Dp), 1, Pk)
-    v = pad_axis(pad_axis(v_BKAD, 3, Dp), 1, Pk)
-    q_lev = pad_axis(q_lev, 1, Pq, PAD_Q_LEVEL)
-    k_lev = pad_axis(k_lev, 1, Pk, PAD_K_LEVEL)
-
-    fwd_hi = kv_upper_bounds(q_lev, k_lev, st.block_q, st.block_k)
-    dq_hi = kv_upper_bounds(q_lev, k_lev, st.block_q_dq, st.block_k_dq)
-    dkv_lo = q_lower_bounds(q_lev, k_lev, st.block_q_bwd, st.block_k_bwd)
-    o = _flash(q, k, v, q_lev, k_lev, fwd_hi, dq_hi, dkv_lo, st)
-    return o[:, :Q, :, :D]
+    Dp = padded_head_dim(D)  # HART's 64 is not padded
+    q, k, v = (pad_axis(x, 3, Dp) for x in (q_BQAD, k_BKAD, v_BKAD))
+    fwd_bounds = kv_bounds(q_lev, k_lev, st.block_q, st.block_k)
+    dq_bounds = kv_bounds(q_lev, k_lev, st.block_q_dq, st.block_k_dq)
+    dkv_bounds = q_bounds(q_lev, k_lev, st.block_q_bwd, st.block_k_bwd)
+    o = _flash(q, k, v, q_lev, k_lev, fwd_bounds, dq_bounds, dkv_bounds, st)
+    return o if Dp == D else o[..., :D]

@@ -8,7 +8,9 @@ for each kernel, ``{block_q, block_k, num_warps, num_stages, measured}``:
 - ``level_fwd``: the training forward kernel;
 - ``level_dkv``: the backward kernel that accumulates dk and dv (one program per key block);
 - ``level_dq``: the backward kernel that accumulates dq (one program per query block);
-- ``cache``: the sampling kernel over the KV cache.
+- ``cache``: the sampling kernel over the KV cache, stages with fewer than ``LONG_QUERIES``
+  queries;
+- ``cache_long``: the same kernel at the long stages (optional in a row: absent, ``cache``'s).
 
 ``measured`` is ``"not yet measured"`` or ``{command, gpu, jax, date}`` (where the sweep of
 ``bench/attention_bench.py`` produced the values). ``hart_jax.attention`` reads the row of the
@@ -37,7 +39,8 @@ ABOUT = (
     "python -m bench.attention_bench --impls pallas --sweep --write-tiles hart_jax/kernels/tile_table.json"
 )
 NOT_MEASURED = "not yet measured"
-KERNELS = ("level_fwd", "level_dkv", "level_dq", "cache")
+KERNELS = ("level_fwd", "level_dkv", "level_dq", "cache", "cache_long")
+REQUIRED_KERNELS = KERNELS[:4]  # a row may leave out cache_long
 TILE_KEYS = ("block_q", "block_k", "num_warps", "num_stages")
 # LevelAttentionConfig's fields of each training kernel, in TILE_KEYS order
 LEVEL_FIELDS = {
@@ -60,6 +63,11 @@ class Row:
         """``{block_q, block_k, num_warps, num_stages}`` of kernel ``name``."""
         return dict(dict(self.tiles)[name])
 
+    def cache_config(self) -> CacheAttentionConfig:
+        """The sampling kernel's config of this row (``cache_long`` absent: ``cache``'s tiles)."""
+        tiles = dict(self.tiles)
+        return cache_config(dict(tiles["cache"]), dict(tiles["cache_long"]) if "cache_long" in tiles else None)
+
     def covers(self, device_kind: str) -> bool:
         """Whether ``device_kind`` starts with one of this row's device kinds."""
         return any(device_kind.startswith(k) for k in self.device_kinds)
@@ -76,9 +84,19 @@ def level_config(
     return dataclasses.replace(base or LevelAttentionConfig(), **changes)
 
 
-def cache_config(tiles: Mapping[str, int]) -> CacheAttentionConfig:
-    """The sampling kernel's config from ``{block_q, block_k, num_warps, num_stages}``."""
-    return CacheAttentionConfig(**{key: int(tiles[key]) for key in TILE_KEYS})
+def cache_config(tiles: Mapping[str, int], long: Mapping[str, int] | None = None) -> CacheAttentionConfig:
+    """The sampling kernel's config from ``{block_q, block_k, num_warps, num_stages}`` (its
+    short stages) and ``long`` (its long stages; None: the same as the short ones)."""
+    short = {key: int(tiles[key]) for key in TILE_KEYS}
+    if long is None:
+        return CacheAttentionConfig(**short, **{f"{key}_long": None for key in TILE_KEYS})
+    return CacheAttentionConfig(**short, **{f"{key}_long": int(long[key]) for key in TILE_KEYS})
+
+
+def cache_tiles(cfg: CacheAttentionConfig) -> dict[str, dict[str, int]]:
+    """``{"cache": ..., "cache_long": ...}`` tiles of a sampling-kernel config (long resolved)."""
+    return {"cache": {key: getattr(cfg, key) for key in TILE_KEYS},
+            "cache_long": dict(zip(TILE_KEYS, cfg.long_tiles()))}
 
 
 def level_tiles(cfg: LevelAttentionConfig) -> dict[str, dict[str, int]]:
@@ -91,16 +109,16 @@ def level_tiles(cfg: LevelAttentionConfig) -> dict[str, dict[str, int]]:
 
 def default_tiles() -> dict[str, dict[str, int]]:
     """Each kernel's tiles under the config dataclasses' defaults."""
-    cache = CacheAttentionConfig()
-    return {**level_tiles(LevelAttentionConfig()), "cache": {key: getattr(cache, key) for key in TILE_KEYS}}
+    return {**level_tiles(LevelAttentionConfig()), **cache_tiles(CacheAttentionConfig())}
 
 
 def _row(d: Mapping[str, Any]) -> Row:
     kernels = d["kernels"]
-    if set(kernels) != set(KERNELS):
-        raise ValueError(f"tile table: row {d['class']!r} must list the kernels {KERNELS}, got {sorted(kernels)}")
+    if not set(REQUIRED_KERNELS) <= set(kernels) <= set(KERNELS):
+        raise ValueError(f"tile table: row {d['class']!r} must list the kernels {REQUIRED_KERNELS} "
+                         f"(and may list cache_long), got {sorted(kernels)}")
     tiles, measured = [], []
-    for name in KERNELS:
+    for name in (n for n in KERNELS if n in kernels):
         k = kernels[name]
         if set(k) != set(TILE_KEYS) | {"measured"}:
             raise ValueError(f"tile table: {d['class']}/{name} must have {TILE_KEYS} and 'measured', got {sorted(k)}")
@@ -112,7 +130,7 @@ def _row(d: Mapping[str, Any]) -> Row:
         measured.append((name, m if isinstance(m, str) else json.dumps(m, sort_keys=True)))
     row = Row(str(d["class"]), tuple(d["device_kinds"]), tuple(tiles), tuple(measured))
     level_config(dict((n, dict(t)) for n, t in row.tiles))  # refuse tiles the kernels refuse
-    cache_config(row.kernel("cache"))
+    row.cache_config()
     return row
 
 
@@ -146,7 +164,7 @@ def configs_for(
     row = find_row(device_kind, rows) if platform in ("gpu", "cuda") else None
     if row is None:
         return LevelAttentionConfig(), CacheAttentionConfig(), None
-    return level_config({n: dict(t) for n, t in row.tiles}), cache_config(row.kernel("cache")), row
+    return level_config({n: dict(t) for n, t in row.tiles}), row.cache_config(), row
 
 
 # ----------------------------------------------------------------------------- writing
