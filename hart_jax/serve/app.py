@@ -91,7 +91,8 @@ def build_page(service: Service) -> Any:
                 per_prompt = gr.Slider(1, lim.max_images, value=1, step=1, label="images per prompt")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
-                gallery = gr.Gallery(label="results", columns=4, elem_id="gallery")
+                gallery = gr.Gallery(label="results", columns=4, format="png", interactive=False, elem_id="gallery",
+                                     buttons=["download", "download_all", "fullscreen"])
                 download = gr.DownloadButton("Download PNGs + settings (zip)", visible=False, elem_id="download")
                 settings = gr.JSON(label="settings")
         # concurrency_limit=None: every visitor's request goes straight to the batcher, which batches
@@ -109,7 +110,7 @@ def build_app(service: Service) -> Any:
     app = FastAPI(title=TITLE)
     add_routes(app, service)
     page = build_page(service)
-    return gr.mount_gradio_app(app, page, path="")
+    return gr.mount_gradio_app(app, page, path="/", footer_links=[], run_history=False)
 
 
 class Server:
