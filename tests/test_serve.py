@@ -172,7 +172,8 @@ def test_a_failing_call_does_not_take_the_server_down(server, monkeypatch):
 
 
 def test_page_in_headless_chromium(server):
-    """Load the page, type a prompt, press Generate, see an image in the gallery (and its caption).
+    """Load the page, type a prompt, press Generate, see an image in the gallery (and its caption),
+    the image the endpoint gives for that prompt and seed with the default settings.
     ``HART_SERVE_SCREENSHOT=PATH`` also saves a screenshot (docs/images/serve.png comes from it)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
@@ -194,9 +195,15 @@ def test_page_in_headless_chromium(server):
         calls = stats(server)["pipeline_calls"]
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
         img = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#gallery img")))
-        assert img.get_attribute("src")
         wait.until(lambda d: "a green square (seed 1)" in d.find_element(By.ID, "gallery").text)
         assert stats(server)["pipeline_calls"] == calls + 1
+        with urllib.request.urlopen(img.get_attribute("src"), timeout=30) as r:  # the page's PNG
+            from PIL import Image
+
+            shown = np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
+        status, body = post(server, {"prompt": "a green square", "seed": 1})  # the page's defaults = the API's
+        assert status == 200
+        np.testing.assert_array_equal(shown, png(body["images"][0]))
         if os.environ.get("HART_SERVE_SCREENSHOT"):
             time.sleep(0.5)
             driver.save_screenshot(os.environ["HART_SERVE_SCREENSHOT"])

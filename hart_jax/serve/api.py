@@ -14,6 +14,8 @@ import time
 from typing import Any
 
 import numpy as np
+from fastapi import Request  # module level: the route's annotations are resolved in this namespace
+from fastapi.responses import JSONResponse
 
 from hart_jax.serve.batcher import Batcher
 from hart_jax.serve.schema import GenerateRequest, Limits, RequestError, parse_request
@@ -60,8 +62,6 @@ class Service:
 
 def add_routes(app: Any, service: Service) -> None:
     """Add ``/api/generate`` and ``/api/stats`` to a FastAPI ``app``."""
-    from fastapi import Request
-    from fastapi.responses import JSONResponse
 
     def error(e: RequestError) -> JSONResponse:
         return JSONResponse({"error": str(e)}, status_code=e.status)

@@ -32,9 +32,15 @@ def _form_body(prompts: str, seed: Any, random_seed: bool, cfg: float, top_k: An
     def whole(v: Any) -> Any:
         return int(v) if isinstance(v, float) and v.is_integer() else v
 
+    def integer(text: str) -> Any:  # the top-k box's text; a non-integer goes on to the check as it is
+        try:
+            return int(text)
+        except ValueError:
+            return text
+
     lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
     return {"prompts": lines or [prompts or ""], "seed": None if random_seed else whole(seed), "cfg": cfg,
-            "top_k": None if top_k in (None, "") else whole(top_k), "top_p": top_p, "more_smooth": more_smooth,
+            "top_k": None if not (top_k or "").strip() else integer(top_k.strip()), "top_p": top_p, "more_smooth": more_smooth,
             "images_per_prompt": whole(per_prompt)}
 
 
@@ -84,14 +90,14 @@ def build_page(service: Service) -> Any:
                     random_seed = gr.Checkbox(label="random seed", value=False)
                 cfg = gr.Slider(0.0, 10.0, value=d["cfg"], step=0.1, label="guidance scale (cfg)")
                 with gr.Row():
-                    top_k = gr.Number(label="top-k (0: every token; empty: release rule 600/300)", value=d["top_k"],
-                                      precision=0, minimum=0)
+                    top_k = gr.Textbox(label="top-k (0: every token; empty: the release's 600/300 rule)",
+                                       value="" if d["top_k"] is None else str(d["top_k"]), max_lines=1)
                     top_p = gr.Slider(0.0, 0.99, value=d["top_p"], step=0.01, label="top-p (0: off)")
                 more_smooth = gr.Checkbox(label="more_smooth (Gumbel-softmax smoothing)", value=d["more_smooth"])
                 per_prompt = gr.Slider(1, lim.max_images, value=1, step=1, label="images per prompt")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
-                gallery = gr.Gallery(label="results", columns=4, format="png", interactive=False, elem_id="gallery",
+                gallery = gr.Gallery(label="results", columns=4, height=360, format="png", interactive=False, elem_id="gallery",
                                      buttons=["download", "download_all", "fullscreen"])
                 download = gr.DownloadButton("Download PNGs + settings (zip)", visible=False, elem_id="download")
                 settings = gr.JSON(label="settings")
@@ -110,7 +116,8 @@ def build_app(service: Service) -> Any:
     app = FastAPI(title=TITLE)
     add_routes(app, service)
     page = build_page(service)
-    return gr.mount_gradio_app(app, page, path="/", footer_links=[], run_history=False)
+    return gr.mount_gradio_app(app, page, path="/", footer_links=[], run_history=False,
+                               css="#gallery img {image-rendering: pixelated}")  # small images stay sharp
 
 
 class Server:
