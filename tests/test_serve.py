@@ -172,8 +172,8 @@ def test_a_failing_call_does_not_take_the_server_down(server, monkeypatch):
 
 
 def test_page_in_headless_chromium(server):
-    """Load the page, type a prompt, press Generate, see an image in the gallery (and its caption),
-    the image the endpoint gives for that prompt and seed with the default settings.
+    """Load the page, type two prompts, press Generate, see the images in the gallery with their
+    captions, the first the image the endpoint gives for that prompt and seed at the defaults.
     ``HART_SERVE_SCREENSHOT=PATH`` also saves a screenshot (docs/images/serve.png comes from it)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
@@ -191,11 +191,12 @@ def test_page_in_headless_chromium(server):
         wait = WebDriverWait(driver, 60)
         box = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompts textarea")))
         box.clear()
-        box.send_keys("a green square")
+        box.send_keys("a green square\na red circle")  # one prompt per line
         calls = stats(server)["pipeline_calls"]
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
         img = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#gallery img")))
-        wait.until(lambda d: "a green square (seed 1)" in d.find_element(By.ID, "gallery").text)
+        wait.until(lambda d: "a red circle (seed 2)" in d.find_element(By.ID, "gallery").text)
+        assert "a green square (seed 1)" in driver.find_element(By.ID, "gallery").text
         assert stats(server)["pipeline_calls"] == calls + 1
         with urllib.request.urlopen(img.get_attribute("src"), timeout=30) as r:  # the page's PNG
             from PIL import Image

@@ -154,3 +154,26 @@ def test_request_defaults_and_random_seed():
     assert r.settings == Settings(cfg=3.0, top_k=0, top_p=0.0, more_smooth=True)
     seeds = {parse_request({"prompt": "a"}, DEFAULTS, RES).seed for _ in range(4)}
     assert len(seeds) > 1  # absent seed: a random one per request
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "70000"], "error: --port must be in 0..65535, got 70000\n"),
+    (["--max-images", "100"], "error: --max-queued-images (64) must be >= --max-images (100): a request that may "
+                             "never fit would always be refused\n"),
+    (["--max-wait-ms", "-1"], "error: --max-wait-ms must be >= 0, got -1.0\n"),
+    (["--ckpt", "/nonexistent/ckpt"], "error: /nonexistent/ckpt: checkpoint directory not found\n"),
+])
+def test_cli_bad_flags_exit_2_before_loading(argv, message, capsys):
+    from hart_jax.serve.__main__ import main
+
+    assert main(argv) == 2
+    assert capsys.readouterr().err == message
+
+
+def test_cli_bad_batch_sizes_exit_2(capsys):
+    from hart_jax.serve.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--batch-sizes", "4,0"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: argument --batch-sizes: batch sizes must be >= 1, got '4,0' (see --help)\n"

@@ -97,7 +97,7 @@ def build_page(service: Service) -> Any:
                 per_prompt = gr.Slider(1, lim.max_images, value=1, step=1, label="images per prompt")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
-                gallery = gr.Gallery(label="results", columns=4, height=360, format="png", interactive=False, elem_id="gallery",
+                gallery = gr.Gallery(label="results", columns=4, fit_columns=False, height=360, format="png", interactive=False, elem_id="gallery",
                                      buttons=["download", "download_all", "fullscreen"])
                 download = gr.DownloadButton("Download PNGs + settings (zip)", visible=False, elem_id="download")
                 settings = gr.JSON(label="settings")
