@@ -72,7 +72,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=None, help="a running server (default: start one in-process)")
     p.add_argument("--clients", default="1,4,16", help="concurrent client counts (default: 1,4,16)")
-    p.add_argument("--requests", type=int, default=48, help="requests per client count (default: 48)")
+    p.add_argument("--requests", type=int, default=128, help="requests per client count, split among the clients (default: 128)")
     p.add_argument("--batch-sizes", default="1,4,16", help="in-process server's compiled sizes (default: 1,4,16)")
     p.add_argument("--max-wait-ms", type=float, default=50.0, help="in-process server's wait (default: 50)")
     args = p.parse_args()

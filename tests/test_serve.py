@@ -66,8 +66,10 @@ def test_endpoint_gives_sample_py_image(server, tmp_path):
     from hart_jax.sample_cli import main
 
     calls = stats(server)["pipeline_calls"]
+    compiles = server.service.batcher.pipe.num_compiles  # compiled at start-up, not by a request
     status, body = post(server, {"prompt": "a red circle", "seed": 3})
     assert status == 200, body
+    assert server.service.batcher.pipe.num_compiles == compiles == 1
     assert [(e["prompt"], e["seed"]) for e in body["images"]] == [("a red circle", 3)]
     assert body["settings"] == {"cfg": 3.0, "top_k": None, "top_p": 0.0, "more_smooth": True,  # sampling.json's
                                 "images_per_prompt": 1, "seed": 3, "resolution": 32}

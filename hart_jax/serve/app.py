@@ -182,7 +182,7 @@ def load_service(ckpt: Any = None, batch_sizes: Any = (1, 4), max_wait_s: float 
     limits = limits or Limits()
     batcher = Batcher(None, batch_sizes, max_wait_s, max_queued_images)  # argument checks before loading
     if max_queued_images < limits.max_images:
-        raise RequestError(f"the queue limit ({max_queued_images} images) is below one request's limit "
+        raise ValueError(f"the queue limit ({max_queued_images} images) is below one request's limit "
                            f"({limits.max_images} images)")
     t0 = time.perf_counter()
     batcher.pipe = HARTPipeline.from_converted(ckpt, compile_cache=compile_cache)
