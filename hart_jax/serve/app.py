@@ -5,8 +5,10 @@ the JSON endpoint at ``/api/generate`` and the counters at ``/api/stats``, all t
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -21,7 +23,8 @@ from hart_jax.serve.api import Service, add_routes, png_bytes, settings_dict
 from hart_jax.serve.schema import RequestError
 
 TITLE = "HART (JAX) text-to-image"
-POLL_S = 0.1
+POLL_S = 0.1  # how often the page's progress bar is updated while a request waits
+KEEP_ZIPS = 64
 
 
 def _form_body(prompts: str, seed: Any, random_seed: bool, cfg: float, top_k: Any, top_p: float,
@@ -40,8 +43,8 @@ def _form_body(prompts: str, seed: Any, random_seed: bool, cfg: float, top_k: An
 
     lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
     return {"prompts": lines or [prompts or ""], "seed": None if random_seed else whole(seed), "cfg": cfg,
-            "top_k": None if not (top_k or "").strip() else integer(top_k.strip()), "top_p": top_p, "more_smooth": more_smooth,
-            "images_per_prompt": whole(per_prompt)}
+            "top_k": None if not (top_k or "").strip() else integer(top_k.strip()), "top_p": top_p,
+            "more_smooth": more_smooth, "images_per_prompt": whole(per_prompt)}
 
 
 def build_page(service: Service) -> Any:
@@ -51,7 +54,9 @@ def build_page(service: Service) -> Any:
     import gradio as gr
 
     d, lim = service.defaults, service.limits
-    out_root = Path(tempfile.mkdtemp(prefix="hart_jax_serve_"))
+    out_root = Path(tempfile.mkdtemp(prefix="hart_jax_serve_"))  # the zips; the newest KEEP_ZIPS are kept
+    zips: collections.deque[Path] = collections.deque()
+    zips_lock = threading.Lock()
 
     def generate(prompts, seed, random_seed, cfg, top_k, top_p, more_smooth, per_prompt, progress=gr.Progress()):
         t0 = time.perf_counter()
@@ -71,15 +76,21 @@ def build_page(service: Service) -> Any:
         settings = dict(settings_dict(req, service.resolution), seconds=round(time.perf_counter() - t0, 3),
                         images=[{"prompt": p, "seed": s, "file": f"{i:03d}_seed{s}.png"}
                                 for i, (p, s) in enumerate(req.items)])
-        path = out_root / f"hart_{int(time.time() * 1000)}_{req.seed}.zip"
+        path = Path(tempfile.mkdtemp(dir=out_root)) / f"hart_seed{req.seed}.zip"  # unique per request
         with zipfile.ZipFile(path, "w") as z:
             for entry, img in zip(settings["images"], images):
                 z.writestr(entry["file"], png_bytes(img))
             z.writestr("settings.json", json.dumps(settings, indent=2) + "\n")
+        with zips_lock:
+            zips.append(path)
+            old = zips.popleft() if len(zips) > KEEP_ZIPS else None
+        if old is not None:
+            shutil.rmtree(old.parent, ignore_errors=True)
         gallery = [(img, f"{p} (seed {s})") for (p, s), img in zip(req.items, images)]
         return gallery, settings, gr.DownloadButton(value=str(path), visible=True)
 
-    with gr.Blocks(title=TITLE) as page:
+    # Gradio's copies of the images and zips: deleted hourly once an hour old
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as page:
         gr.Markdown(f"## {TITLE}\nOne prompt per line. Images of concurrent visitors share compiled batches.")
         with gr.Row():
             with gr.Column():
@@ -97,14 +108,15 @@ def build_page(service: Service) -> Any:
                 per_prompt = gr.Slider(1, lim.max_images, value=1, step=1, label="images per prompt")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
-                gallery = gr.Gallery(label="results", columns=4, fit_columns=False, height=360, format="png", interactive=False, elem_id="gallery",
+                gallery = gr.Gallery(label="results", columns=4, fit_columns=False, height=360, format="png",
+                                     interactive=False, elem_id="gallery",
                                      buttons=["download", "download_all", "fullscreen"])
                 download = gr.DownloadButton("Download PNGs + settings (zip)", visible=False, elem_id="download")
                 settings = gr.JSON(label="settings")
         # concurrency_limit=None: every visitor's request goes straight to the batcher, which batches
         # them (Gradio's default of one at a time would queue them in front of it).
-        button.click(generate, [prompts, seed, random_seed, cfg, top_k, top_p, more_smooth, per_prompt],
-                     [gallery, settings, download], concurrency_limit=None)
+        inputs = [prompts, seed, random_seed, cfg, top_k, top_p, more_smooth, per_prompt]
+        button.click(generate, inputs, [gallery, settings, download], concurrency_limit=None)
     return page
 
 

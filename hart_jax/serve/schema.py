@@ -97,7 +97,8 @@ def parse_request(body: Any, defaults: dict, resolution: int, limits: Limits = L
     for prompt, name in zip(prompts, names):
         _check(check_prompt, prompt, name)
         if len(prompt) > limits.max_prompt_chars:
-            raise RequestError(f"{name} has {len(prompt)} characters; this server takes at most {limits.max_prompt_chars}")
+            raise RequestError(f"{name} has {len(prompt)} characters; "
+                               f"this server takes at most {limits.max_prompt_chars}")
     per_prompt = body.get("images_per_prompt", 1)
     if not (_is_int(per_prompt) and per_prompt >= 1):
         raise RequestError(f"images_per_prompt must be an integer >= 1, got {per_prompt!r}")
