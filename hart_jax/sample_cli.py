@@ -130,13 +130,13 @@ def check_prompt(prompt: Any, name: str) -> None:
         raise HartError(f"{name} holds no prompt (empty or only whitespace): {prompt!r}")
 
 
-def check_seed(seed: int, images: int = 1) -> None:
+def check_seed(seed: int, images: int = 1, name: str = "--seed") -> None:
     """The seeds ``seed .. seed + images - 1`` all lie in ``0 .. SEED_MAX``."""
     if not 0 <= seed <= SEED_MAX:
-        raise HartError(f"--seed must be in 0..{SEED_MAX} (2**32 - 1), got {seed}")
+        raise HartError(f"{name} must be in 0..{SEED_MAX} (2**32 - 1), got {seed}")
     last = seed + images - 1
     if last > SEED_MAX:
-        raise HartError(f"--seed {seed} with {images} images: the last image's seed {last} is above {SEED_MAX} "
+        raise HartError(f"{name} {seed} with {images} images: the last image's seed {last} is above {SEED_MAX} "
                         "(image i uses seed + i)")
 
 
