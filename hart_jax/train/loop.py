@@ -28,6 +28,7 @@ from hart_jax.errors import HartError
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
 from hart_jax.models.transformer import HARTTransformer, T2IConfig
 from hart_jax.train import checkpointing
+from hart_jax.train.distributed import example_ids_path, maybe_initialize_distributed
 from hart_jax.train.metrics import EventWriter, Progress
 from hart_jax.train.objective import FrozenModels, ObjectiveConfig, keep_count
 from hart_jax.train.sharding import batch_divisor, batch_sharding, make_mesh, tree_shardings
@@ -41,25 +42,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 class TrainingDiverged(HartError):
     """The loss (or gradient norm) became NaN or infinite."""
-
-
-def maybe_initialize_distributed(mode: str = "auto") -> None:
-    """``jax.distributed.initialize()`` (its own environment detection) for multi-host runs.
-
-    ``auto`` calls it when the environment names a coordinator or a multi-process
-    launcher (``JAX_COORDINATOR_ADDRESS``, SLURM / Open MPI with more than one task);
-    ``on`` always; ``off`` never.
-    """
-    if mode == "off" or jax.distributed.is_initialized():
-        return
-    env = os.environ
-    multi = (
-        "JAX_COORDINATOR_ADDRESS" in env
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    )
-    if mode == "on" or multi:
-        jax.distributed.initialize()
 
 
 def _model_config(config: Any) -> T2IConfig:
@@ -238,7 +220,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     """Run (or resume) training in ``workdir``; returns the last step's metrics."""
     from hart_jax.data.pipeline import make_loader
 
-    maybe_initialize_distributed(str(config.get("distributed", "auto")))
+    maybe_initialize_distributed(config)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     comp = build(config)
@@ -270,7 +252,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
     writer = EventWriter(workdir / "tensorboard") if (primary and c.log.tensorboard) else None
     bar = Progress(num_steps, start, bool(c.log.progress) and primary)
-    ids_log = open(workdir / "example_ids.jsonl", "a") if (primary and c.log.example_ids) else None
+    ids_log = open(example_ids_path(workdir), "a") if c.log.example_ids else None
     last: dict[str, Any] = {}
     t_prev = time.perf_counter()
     compiled: set[int] = set()

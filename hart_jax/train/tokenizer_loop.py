@@ -26,7 +26,8 @@ import optax
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
 from hart_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator
 from hart_jax.train import checkpointing
-from hart_jax.train.loop import DTYPES, TrainingDiverged, maybe_initialize_distributed
+from hart_jax.train.distributed import example_ids_path, maybe_initialize_distributed
+from hart_jax.train.loop import DTYPES, TrainingDiverged
 from hart_jax.train.metrics import EventWriter, Progress
 from hart_jax.train.sharding import batch_divisor, batch_sharding, make_mesh, tree_shardings
 from hart_jax.train.state import make_optimizer, make_schedule
@@ -213,7 +214,7 @@ def train_tokenizer(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     """Run (or resume) tokenizer training in ``workdir``; returns the last step's metrics."""
     from hart_jax.data.pipeline import make_loader
 
-    maybe_initialize_distributed(str(config.get("distributed", "auto")))
+    maybe_initialize_distributed(config)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     c = config
@@ -248,7 +249,7 @@ def train_tokenizer(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
     writer = EventWriter(workdir / "tensorboard") if (primary and c.log.tensorboard) else None
     bar = Progress(num_steps, start, bool(c.log.progress) and primary)
-    ids_log = open(workdir / "example_ids.jsonl", "a") if (primary and c.log.example_ids) else None
+    ids_log = open(example_ids_path(workdir), "a") if c.log.example_ids else None
     last: dict[str, Any] = {}
     t_prev = time.perf_counter()
     try:
