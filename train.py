@@ -6,6 +6,8 @@
 Starting again with the same ``--workdir`` resumes from its latest checkpoint.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -30,8 +32,9 @@ def main(argv):
         raise SystemExit(f"train.py: unknown task {task!r} (expected 'transformer' or 'tokenizer')")
     try:
         last = train(config, flags.FLAGS.workdir)
-    except (HartError, ValueError) as e:
-        raise SystemExit(f"train.py: {type(e).__name__}: {e}") from None
+    except (HartError, ValueError) as e:  # one line, status 2
+        print(f"train.py: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     if last:
         print(f"done at step {last['step']}: loss {last['loss']:.4f}", flush=True)
 
