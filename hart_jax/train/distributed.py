@@ -70,8 +70,11 @@ class DistributedSettings:
 
 
 def _section(config: Any) -> dict[str, Any]:
-    """The ``distributed`` section as a dict (a bare mode string, as older configs had, too)."""
-    d = config.get("distributed", "auto") if hasattr(config, "get") else config
+    """The ``distributed`` section (of a whole config, or the section itself) as a dict; a
+    bare mode string, as older configs had, too."""
+    d = config
+    if hasattr(config, "get") and "mode" not in config:
+        d = config.get("distributed", "auto")
     if d is None or isinstance(d, str):
         return {"mode": d or "auto"}
     return dict(d)
