@@ -40,8 +40,8 @@ def test_environment_and_flags():
     from configs.train import get_config  # the whole config, as train() passes it
 
     c = get_config("tiny_t2i")
-    c.distributed.num_processes = 2
-    assert resolve(c, env).num_processes == 2 and resolve(get_config("tokenizer_tiny"), env).process_id == 3
+    c.distributed.num_processes = 8
+    assert resolve(c, env).num_processes == 8 and resolve(get_config("tokenizer_tiny"), env).process_id == 3
 
 
 def test_launchers_left_to_jax():
