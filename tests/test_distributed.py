@@ -50,6 +50,7 @@ def test_launchers_left_to_jax():
     s = resolve(section(num_processes=2), {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"})
     assert s.launcher == "openmpi" and s.num_processes == 2 and s.process_id is None
     assert resolve(section(), {**SLURM, "SLURM_NTASKS": "1"}) is None  # one task: one process
+    assert resolve(section(mode="on"), {**SLURM, "SLURM_NTASKS": "1"}).launcher == "slurm"  # unless asked
     assert resolve(section(mode="on"), {**SLURM, "SLURM_NTASKS": "1", "JAX_COORDINATOR_ADDRESS": "h:1",
                                         "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}).num_processes == 1
 

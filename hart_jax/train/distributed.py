@@ -18,7 +18,8 @@ a coordinator without a process count (or the other way round) is a
 ``DistributedSetupError`` naming the missing setting and how to give it.
 
 ``mode``: ``auto`` initializes when any setting or a multi-task launcher is present,
-``on`` always (it is an error when nothing says how), ``off`` never.
+``on`` always (also for a one-task SLURM / Open MPI job; it is an error when nothing says
+how), ``off`` never.
 """
 
 from __future__ import annotations
@@ -98,17 +99,18 @@ def _as_int(value: Any, where: str, spec: tuple[str, str, str]) -> int:
         raise DistributedSetupError(f"distributed: {where}={value!r} is not an integer ({spec[2]} or {spec[1]}=N)") from None
 
 
-def _launcher(environ: Mapping[str, str]) -> str:
-    """The multi-task launcher JAX's own detection would use: ``slurm``, ``openmpi`` or ``""``."""
+def _launcher(environ: Mapping[str, str], min_tasks: int = 2) -> str:
+    """The launcher JAX's own detection would use when it runs at least ``min_tasks`` tasks:
+    ``slurm``, ``openmpi`` or ``""``."""
     def n(var: str) -> int:
         try:
             return int(environ.get(var, "1"))
         except ValueError:
             return 1
 
-    if "SLURM_JOB_ID" in environ and n("SLURM_NTASKS") > 1:
+    if "SLURM_JOB_ID" in environ and "SLURM_NTASKS" in environ and n("SLURM_NTASKS") >= min_tasks:
         return "slurm"
-    if n("OMPI_COMM_WORLD_SIZE") > 1:
+    if "OMPI_COMM_WORLD_SIZE" in environ and n("OMPI_COMM_WORLD_SIZE") >= min_tasks:
         return "openmpi"
     return ""
 
@@ -139,7 +141,7 @@ def resolve(config: Any, environ: Mapping[str, str] | None = None) -> Distribute
     if ldev is not None:
         items = ldev if isinstance(ldev, (list, tuple)) else str(ldev).split(",")
         ldev = tuple(_as_int(x, ldev_src, LOCAL_DEVICE_IDS) for x in items if str(x).strip() != "")
-    launcher = _launcher(env)
+    launcher = _launcher(env, 1 if mode == "on" else 2)
     explicit = any(v is not None for v in (coord, nproc, pid))
     if not explicit and not launcher:
         if mode == "on":
