@@ -40,7 +40,7 @@ def _base(model: dict, tokenizer: str, kind: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "transformer"  # "transformer" | "tokenizer" (train.py dispatches on it)
     c.seed = 0
-    c.distributed = "auto"  # jax.distributed.initialize(): "auto" (launcher env), "on", "off"
+    c.distributed = distributed_section()
     c.model = ml_collections.ConfigDict(dict(model))
     c.model.attention_impl = "auto"
     c.init_from = ""  # converted release transformer directory (fine-tuning)
@@ -118,6 +118,20 @@ def _base(model: dict, tokenizer: str, kind: str) -> ml_collections.ConfigDict:
     return c
 
 
+def distributed_section() -> ml_collections.ConfigDict:
+    """``jax.distributed.initialize`` settings (``hart_jax/train/distributed.py``); empty / -1:
+    from the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID,
+    JAX_LOCAL_DEVICE_IDS) or JAX's SLURM / Open MPI detection."""
+    d = ml_collections.ConfigDict()
+    d.mode = "auto"  # "auto": when a setting or a multi-task launcher is present; "on"; "off"
+    d.coordinator_address = ""  # HOST:PORT of process 0
+    d.num_processes = -1
+    d.process_id = -1
+    d.local_device_ids = ""  # comma-separated
+    d.initialization_timeout = 300  # seconds
+    return d
+
+
 def _data_section(kind: str) -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
     d.kind = kind
@@ -163,7 +177,7 @@ def get_tokenizer_config(
     c = ml_collections.ConfigDict()
     c.task = "tokenizer"
     c.seed = 0
-    c.distributed = "auto"
+    c.distributed = distributed_section()
     c.tokenizer = ml_collections.ConfigDict({**TokenizerConfig().to_hf_dict(), **dict(tokenizer)})
     del c.tokenizer.model_type  # every TokenizerConfig field, so each can be overridden
     for k in ("ch_mult", "v_patch_nums"):

@@ -133,11 +133,17 @@ def test_loader_order_seed_and_shards(t2i_dir):
     flat = [i for batch in a[:6] for i in batch]
     assert sorted(flat) == list(range(24))  # one epoch = a permutation
     assert sorted(i for batch in a[6:] for i in batch) != list(range(8))  # epoch 2 reshuffles (not identity)
-    # two hosts: disjoint halves, each half the global batch
-    s0 = ids(make_loader(cfg, seed=3, shard_index=0, shard_count=2, **kw), 3)
-    s1 = ids(make_loader(cfg, seed=3, shard_index=1, shard_count=2, **kw), 3)
+    # two hosts: each reads its half of the same global batch one host reads (rows [0, 2) and
+    # [2, 4)), through the epoch boundary too (batch 7 is the second epoch's second batch)
+    s0 = ids(make_loader(cfg, seed=3, shard_index=0, shard_count=2, **kw), 8)
+    s1 = ids(make_loader(cfg, seed=3, shard_index=1, shard_count=2, **kw), 8)
     assert all(len(x) == 2 for x in s0 + s1)
-    assert not set(sum(s0, [])) & set(sum(s1, []))
+    assert [x + y for x, y in zip(s0, s1)] == a
+    assert not set(sum(s0[:6], [])) & set(sum(s1[:6], []))
+    rcfg = dict(cfg, random_crop=True, random_flip=True)  # per-record RNG: same crops / flips as one host
+    one = next(iter(make_loader(rcfg, seed=3, **kw)))["image"]
+    halves = [next(iter(make_loader(rcfg, seed=3, shard_index=i, shard_count=2, **kw)))["image"] for i in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate(halves), one)
     batch = next(iter(make_loader(cfg, seed=3, **kw)))
     assert batch["image"].shape == (4, 24, 24, 3) and batch["image"].dtype == np.uint8
     assert batch["context"].shape == (4, 6, 24) and batch["context"].dtype == np.float32

@@ -11,10 +11,13 @@ Elements (numpy, one example; ``Batch`` stacks them):
   ``id`` only, from any records. With ``codes`` (precomputed tokenizer outputs)
   ``codes`` ``[sum pn^2]`` int32 and ``last_layer_gt`` ``[hw, Cv]`` float32 replace ``image``.
 
-Shuffling is grain's ``IndexSampler`` (deterministic by seed, endless epochs), sharded
-per JAX process; per-example randomness (crop, flip) comes from grain's per-record RNG (seeded by the
-sampler seed and the record's position in the sampling order),
-so it does not depend on workers. ``id`` is the record's ``id`` feature (-1 without one). The loader's iterator state is what checkpoints save.
+Shuffling is grain's ``IndexSampler`` (deterministic by seed, endless epochs) over the
+whole dataset, read through ``GlobalBatchSampler``: global batch ``b`` is positions
+``[b*B, (b+1)*B)`` of that one order whatever the process count, and process ``p`` of
+``P`` reads its rows ``[p*B/P, (p+1)*B/P)``, so several processes train on exactly the
+batches one process would. Per-example randomness (crop, flip) comes from grain's
+per-record RNG (seeded by the sampler seed and the record's global position in the
+sampling order), so it depends neither on workers nor on the process count. ``id`` is the record's ``id`` feature (-1 without one). The loader's iterator state is what checkpoints save.
 """
 
 from __future__ import annotations
@@ -152,6 +155,45 @@ class Preprocess(grain.RandomMapTransform):
         return out
 
 
+class GlobalBatchSampler:
+    """A grain sampler: this process's rows of each global batch of an unsharded
+    ``grain.IndexSampler`` order (see the module docstring).
+
+    Local position ``i`` (``k = i // b``, ``r = i % b``, ``b = B / P``) reads global
+    position ``k * B + p * b + r``; the returned ``RecordMetadata`` (record key, RNG,
+    ``index``) is the global sampler's at that position."""
+
+    def __init__(
+        self, num_records: int, global_batch: int, shard_index: int, shard_count: int, *, shuffle: bool, seed: int
+    ):
+        if global_batch % shard_count or not 0 <= shard_index < shard_count:
+            raise ValueError(f"batch size {global_batch} does not split over {shard_count} processes")
+        self._global = grain.IndexSampler(
+            num_records=num_records, shard_options=grain.NoSharding(), shuffle=shuffle, num_epochs=None, seed=seed
+        )
+        self.global_batch, self.shard_index, self.shard_count = int(global_batch), int(shard_index), int(shard_count)
+        self.local_batch = self.global_batch // self.shard_count
+
+    def global_position(self, index: int) -> int:
+        """The global sampling position of local position ``index``."""
+        k, r = divmod(int(index), self.local_batch)
+        return k * self.global_batch + self.shard_index * self.local_batch + r
+
+    def __len__(self) -> int:
+        return len(self._global)
+
+    def __getitem__(self, index: int) -> Any:
+        if index < 0:
+            raise IndexError(f"negative sampler index {index}")
+        return self._global[self.global_position(index)]
+
+    def __repr__(self) -> str:  # grain checks it against the checkpointed iterator state
+        return (
+            f"GlobalBatchSampler({self._global!r}, global_batch={self.global_batch}, "
+            f"shard_index={self.shard_index}, shard_count={self.shard_count})"
+        )
+
+
 def make_loader(
     dcfg: Mapping[str, Any],
     *,
@@ -166,28 +208,23 @@ def make_loader(
     shard_index: int | None = None,
     shard_count: int | None = None,
 ) -> grain.DataLoader:
-    """A grain ``DataLoader`` yielding per-process batches of ``global_batch / process_count``
-    (shard = this JAX process unless ``shard_index`` / ``shard_count`` say otherwise)."""
+    """A grain ``DataLoader`` yielding this process's rows of each global batch
+    (``global_batch / process_count`` of them, see ``GlobalBatchSampler``; the shard is this
+    JAX process unless ``shard_index`` / ``shard_count`` say otherwise)."""
     nproc = jax.process_count() if shard_count is None else int(shard_count)
+    pidx = jax.process_index() if shard_count is None else int(shard_index or 0)
     if global_batch % nproc:
         raise ValueError(f"batch size {global_batch} does not split over {nproc} processes")
     source = source if source is not None else open_source(
         dcfg.get("name", ""), dcfg.get("data_dir", ""), dcfg.get("split", "train"), dcfg.get("path", "")
     )
     per_host = global_batch // nproc
-    if len(source) // nproc < per_host:
-        raise ValueError(f"the dataset has {len(source)} examples, fewer than one batch of {per_host} per process")
+    if len(source) < global_batch:
+        raise ValueError(f"the dataset has {len(source)} examples, fewer than one batch of {global_batch}")
     data_seed = int(dcfg.get("seed", -1))
     data_seed = seed if data_seed < 0 else data_seed
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=(
-            grain.ShardByJaxProcess(drop_remainder=True) if shard_count is None
-            else grain.ShardOptions(int(shard_index or 0), nproc, drop_remainder=True)
-        ),
-        shuffle=bool(dcfg.get("shuffle", True)),
-        num_epochs=None,
-        seed=data_seed,
+    sampler = GlobalBatchSampler(
+        len(source), global_batch, pidx, nproc, shuffle=bool(dcfg.get("shuffle", True)), seed=data_seed
     )
     prep = Preprocess(
         kind=kind, resolution=resolution, context=dcfg.get("context", "cached"), seed=data_seed,
@@ -200,6 +237,7 @@ def make_loader(
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
+        shard_options=grain.NoSharding(),  # the sampler picks this process's rows
         operations=[prep, grain.Batch(per_host, drop_remainder=True)],
         worker_count=int(dcfg.get("worker_count", 0)),
         worker_buffer_size=int(dcfg.get("worker_buffer_size", 2)),

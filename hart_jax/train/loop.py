@@ -25,6 +25,7 @@ import optax
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
 from hart_jax.models.transformer import REMAT_POLICIES, HARTTransformer, T2IConfig
 from hart_jax.train import checkpointing, run_control
+from hart_jax.train.distributed import maybe_initialize_distributed
 from hart_jax.train.objective import FrozenModels, ObjectiveConfig, keep_count
 from hart_jax.train.run_control import TrainingDiverged  # noqa: F401 (re-exported)
 from hart_jax.train.sharding import batch_divisor, batch_sharding, make_mesh, tree_shardings
@@ -34,25 +35,6 @@ from hart_jax.train.step import make_train_step
 log = logging.getLogger("hart_jax.train")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def maybe_initialize_distributed(mode: str = "auto") -> None:
-    """``jax.distributed.initialize()`` (its own environment detection) for multi-host runs.
-
-    ``auto`` calls it when the environment names a coordinator or a multi-process
-    launcher (``JAX_COORDINATOR_ADDRESS``, SLURM / Open MPI with more than one task);
-    ``on`` always; ``off`` never.
-    """
-    if mode == "off" or jax.distributed.is_initialized():
-        return
-    env = os.environ
-    multi = (
-        "JAX_COORDINATOR_ADDRESS" in env
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    )
-    if mode == "on" or multi:
-        jax.distributed.initialize()
 
 
 def _model_config(config: Any) -> T2IConfig:
@@ -239,7 +221,7 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     step leaves nothing on disk (``hart_jax.train.run_control``)."""
     from hart_jax.data.pipeline import check_source, make_loader
 
-    maybe_initialize_distributed(str(config.get("distributed", "auto")))
+    maybe_initialize_distributed(config)
     c = config
     if not c.data.name and not c.data.path:
         raise ValueError("no training data: set data.name (+ data.data_dir) or data.path")

@@ -34,6 +34,7 @@ import numpy as np
 
 from hart_jax.errors import HartError
 from hart_jax.train import checkpointing
+from hart_jax.train.distributed import example_ids_path
 from hart_jax.train.metrics import EventWriter, Progress
 
 
@@ -138,7 +139,7 @@ def run_loop(
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
     writer = EventWriter(workdir / "tensorboard") if (primary and c.log.tensorboard) else None
     bar = Progress(num_steps, start, bool(c.log.progress) and primary)
-    ids_log = open(workdir / "example_ids.jsonl", "a") if (primary and c.log.example_ids) else None
+    ids_log = open(example_ids_path(workdir), "a") if c.log.example_ids else None
     preempt = Preemption(mngr)
     last: dict[str, Any] = {}
     t_prev = time.perf_counter()

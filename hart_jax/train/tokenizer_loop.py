@@ -25,7 +25,8 @@ import optax
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
 from hart_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator
 from hart_jax.train import checkpointing, run_control
-from hart_jax.train.loop import DTYPES, maybe_initialize_distributed
+from hart_jax.train.distributed import maybe_initialize_distributed
+from hart_jax.train.loop import DTYPES
 from hart_jax.train.sharding import batch_divisor, batch_sharding, make_mesh, tree_shardings
 from hart_jax.train.state import make_optimizer, make_schedule
 from hart_jax.train.tokenizer_objective import PerceptualFn, TokenizerLossConfig
@@ -212,7 +213,7 @@ def train_tokenizer(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     (resume, SIGTERM and failed starts as ``hart_jax.train.loop.train``)."""
     from hart_jax.data.pipeline import check_source, make_loader
 
-    maybe_initialize_distributed(str(config.get("distributed", "auto")))
+    maybe_initialize_distributed(config)
     c = config
     if not c.data.name and not c.data.path:
         raise ValueError("no training data: set data.name (+ data.data_dir) or data.path")
