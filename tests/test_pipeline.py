@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from jax.sharding import PartitionSpec as P
 
 from conftest import CHAINED_GUMBEL_ATOL, REPO, assert_close, nchw, pallas_interpret_mode
 from hart_jax.convert.__main__ import main as convert_main
@@ -24,6 +25,7 @@ from hart_jax.errors import CheckpointError
 from hart_jax.pipeline import HARTPipeline
 from hart_jax.sample_cli import RELEASE_SAMPLING
 from hart_jax.sampling import InjectedNoise, SamplingConfig
+from hart_jax.train.sharding import make_mesh
 from test_prompts import build_tokenizer
 
 PROMPTS = ["a cat sleeping", "a city street", "a bus passing"]
@@ -177,20 +179,18 @@ def test_images_per_prompt_and_guidance_one(pipe, side):
 
 
 def sharded_pipeline(pipe_dir, shard_params: bool, impl: str) -> HARTPipeline:
-    """The pipeline on 8 CPU devices (batch rows split over them); with ``shard_params`` each
-    weight is split along its largest axis that 8 divides (checked on the output head)."""
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    """The pipeline on 8 CPU devices with training's mesh and rules: without ``shard_params``
+    a data-only mesh (rows split 8 ways, weights replicated); with it a 2 x 2 x 2
+    ``(data, fsdp, tensor)`` mesh, rows over data x fsdp and every weight by its logical axes
+    (checked on the transformer's output head and the text encoder's query projection)."""
+    mesh = make_mesh(8) if not shard_params else make_mesh(2, 2, 2)
     p = HARTPipeline.from_converted(pipe_dir, mesh=mesh, shard_params=shard_params, attention_impl=impl)
     if shard_params:
-        kernel = p.t2i_vars["params"]["head"]["kernel"]  # [embed_dim, vocab] of the fixture model
-        split = [d for d in sorted(range(kernel.ndim), key=lambda d: -kernel.shape[d]) if kernel.shape[d] % 8 == 0]
-        assert split, f"no axis of the head kernel {kernel.shape} divides over 8 devices"
-        spec = [None] * kernel.ndim
-        spec[split[0]] = "data"
-        assert kernel.sharding.spec == jax.sharding.PartitionSpec(*spec)
-        shard = list(kernel.shape)
-        shard[split[0]] //= 8
-        assert kernel.addressable_shards[0].data.shape == tuple(shard)
+        for kernel in (p.t2i_vars["params"]["head"]["kernel"], p.text_params["layers_0"]["self_attn"]["q_proj"]["kernel"]):
+            n_in, n_out = kernel.shape  # [embed, vocab] / [embed, heads]: fsdp x tensor where 2 divides
+            want = P("fsdp" if n_in % 2 == 0 else None, "tensor" if n_out % 2 == 0 else None)
+            assert kernel.sharding.spec == want, (kernel.shape, kernel.sharding.spec)
+            assert kernel.addressable_shards[0].data.shape == (n_in // (2 if want[0] else 1), n_out // (2 if want[1] else 1))
     return p
 
 
@@ -199,10 +199,11 @@ def sharded_pipeline(pipe_dir, shard_params: bool, impl: str) -> HARTPipeline:
     ids=["replicated-params", "sharded-params", "sharded-params-pallas"],
 )
 def test_sharded_batch_matches_one_device(pipe_dir, pipe, shard_params, impl, monkeypatch):
-    """8 devices, each on its rows (9 images: two batches of 8, the second padded); with pallas
-    the cache kernel (interpreted) runs under shard_map on each device's rows of the stacked
-    caches. Sampled with hard tokens (``more_smooth=False``): the same tokens at every scale and
-    the images within 1e-4 (sharded sums are reordered; measured <= 7e-6)."""
+    """8 devices (9 images: two batches of 8, the second padded); with pallas the cache kernel
+    (interpreted) runs under shard_map on each device's rows (data x fsdp) and heads (tensor)
+    of the stacked caches, as in training. Sampled with hard tokens (``more_smooth=False``):
+    the same tokens at every scale and the images within 1e-4 (sharded sums are reordered;
+    measured <= 7e-6)."""
     import hart_jax.attention as A
 
     sharded = sharded_pipeline(pipe_dir, shard_params, impl)
@@ -217,8 +218,22 @@ def test_sharded_batch_matches_one_device(pipe_dir, pipe, shard_params, impl, mo
     want, want_tr = traced_call(pipe, prompts, **kw)
     assert_same_tokens(got_tr, want_tr, len(prompts))
     assert_close(got, want, "sharded")
-    if impl == "pallas":  # traced inside the pipeline's mesh: every kernel call split 8 ways by rows
-        assert splits and all(s is not None and s[1:] == (("data",), ()) for s in splits), splits[:3]
+    if impl == "pallas":  # traced inside the pipeline's mesh and rules: rows over data x fsdp, heads over tensor
+        heads = ("tensor",) if pipe.t2i_cfg.num_heads % 2 == 0 else ()
+        assert splits and all(s is not None and s[1:] == (("data", "fsdp"), heads) for s in splits), splits[:3]
+
+
+def test_mesh_requests_that_cannot_be_honoured(pipe):
+    """Weights cannot be split on a data-only mesh, nor without a mesh; a mesh axis the rules
+    do not name is refused: each a one-line ValueError before anything is placed."""
+    args = (pipe.tok_cfg, pipe.tok_vars, pipe.t2i_cfg, pipe.t2i_vars)
+    with pytest.raises(ValueError, match="shard_params needs a mesh axis of size > 1 .*the mesh is data=8, fsdp=1, tensor=1"):
+        HARTPipeline(*args, mesh=make_mesh(8), shard_params=True)
+    with pytest.raises(ValueError, match="shard_params=True needs a mesh"):
+        HARTPipeline(*args, shard_params=True)
+    model_mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with pytest.raises(ValueError, match=r"mesh axes \['model'\] are not named by the sharding rules"):
+        HARTPipeline(*args, mesh=model_mesh)
 
 
 def test_sharded_release_sampling_same_tokens(pipe_dir, pipe):
