@@ -95,7 +95,10 @@ class HARTPipeline:
     ``rules`` (default ``DEFAULT_RULES``, as training), so the attention kernels split rows
     and heads the same way. ``shard_params`` places every weight (transformer, tokenizer,
     text encoder) by ``PARAM_LOGICAL_AXES`` under ``rules``, else weights are replicated;
-    it needs an axis that the rules split weights over (``fsdp`` / ``tensor``) of size > 1.
+    it needs an axis that the rules split weights over (``fsdp`` / ``tensor``) of size > 1,
+    and is refused on a mesh splitting ``data``, ``fsdp`` and ``tensor`` all at once: on a
+    2 x 2 x 2 mesh the compiled sampler gave wrong rows (the rows of the (data 0, fsdp 1) and
+    (data 1, fsdp 0) devices) while every two-axis mesh of 8 or 4 devices matched one device.
     """
 
     def __init__(
@@ -115,6 +118,12 @@ class HARTPipeline:
         self.rules = [tuple(r) for r in rules]
         if mesh is not None:
             check_mesh(mesh, self.rules, shard_params)
+            split = [a for a in mesh.axis_names if mesh.shape[a] > 1]
+            if shard_params and len(split) >= 3:
+                raise ValueError(
+                    f"shard_params on a mesh that splits all of {', '.join(split)} is refused: XLA samples wrong "
+                    "tokens there (seen with JAX 0.10.2 and 0.12 on CPU); keep one of these axes at size 1"
+                )
         elif shard_params:
             raise ValueError("shard_params=True needs a mesh")
         self.compile_cache_dir = enable_compile_cache(compile_cache)  # before anything compiles
