@@ -98,7 +98,8 @@ class HARTPipeline:
     it needs an axis that the rules split weights over (``fsdp`` / ``tensor``) of size > 1,
     and is refused on a mesh splitting ``data``, ``fsdp`` and ``tensor`` all at once: on a
     2 x 2 x 2 mesh the compiled sampler gave wrong rows (the rows of the (data 0, fsdp 1) and
-    (data 1, fsdp 0) devices) while every two-axis mesh of 8 or 4 devices matched one device.
+    (data 1, fsdp 0) devices) while the two-axis meshes tried (2x4x1, 4x2x1, 2x1x4, 1x4x2,
+    1x2x4, 2x2x1) matched one device.
     """
 
     def __init__(

@@ -502,9 +502,9 @@ def test_dispatcher_rejects_bad_inputs():
 
 def test_pallas_kernels_split_over_the_context_mesh():
     """Under a context mesh the kernels run per device under shard_map (XLA cannot partition a
-    Triton call); the result equals the unsharded reference. Training: the Flax rules split rows
-    over data x fsdp and heads over tensor; sampling (no rules): rows over every mesh axis that
-    divides them."""
+    Triton call); the result equals the unsharded reference. The Flax rules in context split
+    rows over data x fsdp and heads over tensor; with no rules in context training's
+    DEFAULT_RULES do the same (one sharding vocabulary)."""
     import flax.linen as nn
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -531,9 +531,9 @@ def test_pallas_kernels_split_over_the_context_mesh():
             assert attn.kernel_mesh_axes(B, H)[1:] == (("data", "fsdp"), ("tensor",))
             assert "shard_map" in str(jax.make_jaxpr(f)(qs, ks_, vs))
             out, grads = jax.jit(f)(qs, ks_, vs), fb(qs, ks_, vs)
-        with jax.set_mesh(mesh):
-            assert attn.kernel_mesh_axes(B, H)[1:] == (("data", "fsdp"), ())  # 8 does not divide 4 rows
-            assert attn.kernel_spec("NBLHD", B, H) == P(None, ("data", "fsdp"), None, None, None)
+        with jax.set_mesh(mesh):  # no rules in context: DEFAULT_RULES
+            assert attn.kernel_mesh_axes(B, H)[1:] == (("data", "fsdp"), ("tensor",))
+            assert attn.kernel_spec("NBLHD", B, H) == P(None, ("data", "fsdp"), None, "tensor", None)
             got_c = cf(q[:, :9], k_all, v_all, jnp.int32(1))
     assert attn.kernel_mesh_axes(B, H) is None  # no context mesh: the kernels run as they are
     assert out.sharding.spec == P(("data", "fsdp"), None, "tensor", None)
