@@ -547,7 +547,8 @@ def test_pallas_kernels_split_over_the_context_mesh():
 def test_sharded_kernels_lower_for_cuda_on_each_devices_rows_and_heads(axis_type):
     """The 0.7B training shape on an abstract 2 x 2 x 2 mesh of H100s: forward and both backward
     Triton calls see [8 / 4 rows, L, 24 / 2 heads, 64], not the global arrays; the sampler's
-    stacked-cache call sees its rows of the stack. Both kinds of mesh axes (``Explicit`` is what
+    stacked-cache call (no rules in context: training's DEFAULT_RULES) sees its rows and heads
+    of the stack. Both kinds of mesh axes (``Explicit`` is what
     ``AbstractMesh`` / ``make_mesh`` give by default from JAX 0.12 on)."""
     import flax.linen as nn
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -572,9 +573,10 @@ def test_sharded_kernels_lower_for_cuda_on_each_devices_rows_and_heads(axis_type
     assert triton_operands(fwd) == [{("2", "12")}]
     assert triton_operands(bwd) == [{("2", "12")}] * 3
 
-    q = jax.ShapeDtypeStruct((8, 4096, 24, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P(("data", "fsdp", "tensor"))))
+    q = jax.ShapeDtypeStruct((8, 4096, 24, 64), jnp.bfloat16,
+                             sharding=NamedSharding(mesh, P(("data", "fsdp"), None, "tensor")))
     stack = jax.ShapeDtypeStruct((24, 8, 9856, 24, 64), jnp.bfloat16,
-                                 sharding=NamedSharding(mesh, P(None, ("data", "fsdp", "tensor"))))
+                                 sharding=NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor")))
     n = jax.ShapeDtypeStruct((8,), jnp.int32)
     layer = jax.ShapeDtypeStruct((), jnp.int32)
     c = lambda q, ka, va, n, layer: attn.cache_attention(  # noqa: E731
@@ -582,7 +584,7 @@ def test_sharded_kernels_lower_for_cuda_on_each_devices_rows_and_heads(axis_type
     with jax.sharding.use_abstract_mesh(mesh):
         text = jax.jit(c).trace(q, stack, stack, n, layer).lower(lowering_platforms=("cuda",)).as_text()
     call = next(line for line in text.splitlines() if TRITON_CALL in line)
-    assert "tensor<24x1x9856x24x64xbf16>" in call and "tensor<1x4096x24x64xbf16>" in call, call
+    assert "tensor<24x2x9856x12x64xbf16>" in call and "tensor<2x4096x12x64xbf16>" in call, call
 
 
 # ----------------------------------------------------------------------------- benchmark
