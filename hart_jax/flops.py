@@ -1,4 +1,4 @@
-"""Analytic FLOP counts of HART's sampling program, part by part.
+"""Analytic FLOP counts of HART's sampling program, part by part, and of a training step.
 
 Counts the matrix products of the program (2 FLOPs per multiply-add: dense layers,
 attention's two products, convolutions, the resampling matrices), from the configs
@@ -26,6 +26,10 @@ Parts (the keys of :func:`sampling_flops`):
   (``2B`` rows per step) and its conditioning;
 - ``decoder``: ``post_quant_conv`` and the tokenizer's decoder (convolutions and the mid
   attention), per image.
+
+Training (:func:`train_flops`): the teacher-forced transformer, its head and the diffusion
+head, 3x the forward (``TRAIN_PASSES``), with attention counted either over the pairs HART's
+level mask lets through (useful work) or over all ``L x L`` pairs (the dense convention).
 
 Dimensions (docs/design.md): B batch (images); L tokens (text encoder input); T context tokens; l scale
 tokens; K key tokens; C channels (model width); E text width; I MLP width; V
