@@ -6,12 +6,15 @@ compile time (lower + compile) separately, then ``--steps`` steps per repeat, th
 median of ``--repeats`` repeats. Tokens are transformer sequence tokens (level-0
 block + scales 1..N-2 + the kept last-scale tokens) per step.
 
-MFU = model FLOPs per step / step time / peak. Model FLOPs are counted analytically
-for the transformer, its head and the diffusion head (forward x3 for training;
-attention over the full ``L x L`` as the XLA path computes it; the frozen tokenizer
-and text encoder are not counted), and XLA's own count of the whole compiled step is
-reported next to it. Peak: ``--peak-tflops``, else a known GPU's dense bf16 peak,
-else (CPU) the measured throughput of a large fp32 matmul on this machine.
+MFU = model FLOPs per step / step time / peak, in two conventions
+(``hart_jax.flops.train_flops``: the transformer, its head and the diffusion head,
+3x forward; the frozen tokenizer and text encoder are not counted): ``mfu_useful``
+counts only the attention pairs HART's level mask lets through (key level <= query
+level, with the kept last-scale tokens), ``mfu_dense`` all ``L x L`` pairs (what the
+dense ``xla`` path computes; the usual dense-attention convention). XLA's own count of
+the whole compiled step is reported next to them. Tokens/s is also given per device.
+Peak: ``--peak-tflops`` (all devices together), else a known GPU's dense bf16 peak, else
+(CPU) the measured throughput of a large fp32 matmul on this machine, times the devices.
 
     python -m bench.train_bench                                  # tiny_t2i on CPU
     python -m bench.train_bench --preset hart_0p7b_1024 --batch 8 --codes --n-keep 1024   # one GPU
@@ -40,29 +43,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs.train import get_config  # noqa: E402
-from hart_jax.models.transformer import T2IConfig  # noqa: E402
+from hart_jax.flops import train_flops  # noqa: E402
 from hart_jax.train.loop import build  # noqa: E402
 from bench.peaks import KNOWN_PEAKS, matmul_peak  # noqa: E402
-
-def model_flops(cfg: T2IConfig, batch: int, n_keep: int, batch_mul: int) -> float:
-    """Training FLOPs of one step (3x forward) for the transformer + head + diffusion head."""
-    c, hm, v = cfg.embed_dim, cfg.mlp_hidden, cfg.vocab_size
-    mid = sum(p * p for p in cfg.patch_nums[1:-1])
-    seq = cfg.first_l + mid + n_keep
-    per_tok_block = 2 * (3 * c * c + c * c + 3 * c * hm) + (2 * 6 * c * c if not cfg.disable_aln else 0) / seq
-    attn = 2 * 2 * seq * seq * c  # QK^T and AV, full L x L
-    head_rows = 1 + mid + n_keep
-    w, d = cfg.diff_width, cfg.diff_depth
-    diff_row = 2 * (cfg.z_channels * w + 256 * w + w * w + c * w + d * (w * w * 2 + 3 * w * w) + 2 * w * w + 2 * w * cfg.z_channels)
-    fwd = (
-        batch * cfg.depth * (seq * per_tok_block + attn)
-        + batch * head_rows * 2 * c * v  # head
-        + batch * (mid + n_keep) * 2 * cfg.z_channels * c  # word_embed of the inputs
-        + batch * n_keep * 2 * cfg.z_channels * c  # word_embed(E[idx]) of the diffusion condition
-        + batch * n_keep * batch_mul * diff_row  # diffusion head on the tiled rows
-    )
-    return 3.0 * fwd
-
 
 def synthetic_batch(comp: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     cfg = comp.tcfg
@@ -93,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--n-keep", type=int, default=0, help="kept last-scale tokens (0: the preset's keep_count for step 0)")
     ap.add_argument("--codes", action="store_true", help="precomputed tokenizer codes (no tokenizer in the step)")
     ap.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
-    ap.add_argument("--peak-tflops", type=float, default=0.0)
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="peak TFLOP/s of all devices together")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--remat", choices=["none", "dots", "full"], default=None,
                     help="block rematerialisation (default: the preset's train.remat)")
@@ -136,31 +119,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", dev.platform)
+    n_dev = len(jax.devices())
     peak = args.peak_tflops * 1e12
     peak_src = "--peak-tflops"
     if not peak:
         for name, tf in KNOWN_PEAKS.items():
             if name in kind:
-                peak, peak_src = tf * 1e12 * len(jax.devices()), f"{name} dense bf16 x{len(jax.devices())}"
+                peak, peak_src = tf * 1e12 * n_dev, f"{name} dense bf16 x{n_dev}"
                 break
     if not peak:
-        peak = matmul_peak() * len(jax.devices())
+        peak = matmul_peak() * n_dev
         peak_src = "measured fp32 2048^3 matmul"
-    flops = model_flops(comp.tcfg, args.batch, n_keep, comp.ocfg.diffusion_batch_mul)
+    mul = comp.ocfg.diffusion_batch_mul
+    useful = train_flops(comp.tcfg, args.batch, n_keep, mul)
+    dense = train_flops(comp.tcfg, args.batch, n_keep, mul, dense_attention=True)
     tokens = comp.tokens_per_step(n_keep)
     res = {
-        "preset": args.preset, "device": f"{kind} x{len(jax.devices())}", "platform": platform.processor() or platform.machine(),
+        "preset": args.preset, "device": f"{kind} x{n_dev}", "platform": platform.processor() or platform.machine(),
         "jax": jax.__version__, "batch": args.batch, "remat": comp.model.remat, "n_keep": n_keep, "codes": bool(args.codes),
         "compute_dtype": c.compute_dtype, "compile_s": round(compile_s, 2), "step_ms": round(step_s * 1e3, 2),
         "step_ms_repeats": [round(x * 1e3, 2) for x in per_step], "tokens_per_step": tokens,
-        "tokens_per_s": round(tokens / step_s, 1), "images_per_s": round(args.batch / step_s, 2),
-        "model_tflop_per_step": round(flops / 1e12, 4), "xla_tflop_per_step": round(xla_flops / 1e12, 4),
-        "peak_tflops": round(peak / 1e12, 3), "peak_source": peak_src,
-        "mfu": round(flops / step_s / peak, 4), "xla_flops_utilization": round(xla_flops / step_s / peak, 4),
+        "tokens_per_s": round(tokens / step_s, 1), "tokens_per_s_per_device": round(tokens / step_s / n_dev, 1),
+        "images_per_s": round(args.batch / step_s, 2),
+        "model_tflop_per_step_useful": round(useful / 1e12, 4), "model_tflop_per_step_dense": round(dense / 1e12, 4),
+        "xla_tflop_per_step": round(xla_flops / 1e12, 4), "peak_tflops": round(peak / 1e12, 3), "peak_source": peak_src,
+        "mfu_useful": round(useful / step_s / peak, 4), "mfu_dense": round(dense / step_s / peak, 4),
+        "xla_flops_utilization": round(xla_flops / step_s / peak, 4),
         "loss": float(m["loss"]),
         "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2) if mem is not None else None,
     }
     print(json.dumps(res, indent=2))
+    print(
+        f"MFU {res['mfu_useful']:.1%} on useful FLOPs (visible attention pairs), {res['mfu_dense']:.1%} "
+        f"dense-attention convention; {res['tokens_per_s']:,.0f} tokens/s, "
+        f"{res['tokens_per_s_per_device']:,.0f} per device",
+        file=sys.stderr,
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     return res

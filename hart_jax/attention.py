@@ -48,6 +48,7 @@ from hart_jax.kernels.cache_attention import cache_attention as pallas_cache_att
 from hart_jax.kernels.level_attention import LevelAttentionConfig, check_qkv
 from hart_jax.kernels.level_attention import level_attention as pallas_level_attention
 from hart_jax.mesh_axes import axes_tuple, dividing_axes, spec_entry
+from hart_jax.train.sharding import DEFAULT_RULES
 
 logger = logging.getLogger(__name__)
 
@@ -249,19 +250,16 @@ def kernel_mesh_axes(batch: int, heads: int) -> tuple[Any, tuple[str, ...], tupl
     and runs the kernel on the whole batch on every device. So inside a context mesh
     (``jax.set_mesh``) with more than one device the kernels run under ``shard_map``,
     each device on its own rows and heads. The axes come from the Flax logical rules
-    in context (``batch``, ``heads``, as in training); without rules the batch is
-    split over every mesh axis (the sampler's data parallelism). An axis that does not
-    divide its dimension is left out (``hart_jax.mesh_axes.dividing_axes``).
+    in context (``batch``, ``heads``), else training's ``DEFAULT_RULES`` (the one
+    sharding vocabulary, ``hart_jax.train.sharding``). An axis that does not divide its
+    dimension is left out (``hart_jax.mesh_axes.dividing_axes``).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or mesh.size == 1:
         return None
-    rules = dict(nn.get_logical_axis_rules())
-    if rules:
-        b_axes = dividing_axes(axes_tuple(rules.get("batch")), batch, mesh.shape)
-        h_axes = dividing_axes(axes_tuple(rules.get("heads")), heads, mesh.shape, used=b_axes)
-    else:
-        b_axes, h_axes = dividing_axes(mesh.axis_names, batch, mesh.shape), ()
+    rules = dict(nn.get_logical_axis_rules() or DEFAULT_RULES)
+    b_axes = dividing_axes(axes_tuple(rules.get("batch")), batch, mesh.shape)
+    h_axes = dividing_axes(axes_tuple(rules.get("heads")), heads, mesh.shape, used=b_axes)
     if not b_axes and not h_axes:
         return None
     return mesh, b_axes, h_axes

@@ -1,4 +1,4 @@
-"""Analytic FLOP counts of HART's sampling program, part by part.
+"""Analytic FLOP counts of HART's sampling program, part by part, and of a training step.
 
 Counts the matrix products of the program (2 FLOPs per multiply-add: dense layers,
 attention's two products, convolutions, the resampling matrices), from the configs
@@ -26,6 +26,10 @@ Parts (the keys of :func:`sampling_flops`):
   (``2B`` rows per step) and its conditioning;
 - ``decoder``: ``post_quant_conv`` and the tokenizer's decoder (convolutions and the mid
   attention), per image.
+
+Training (:func:`train_flops`): the teacher-forced transformer, its head and the diffusion
+head, 3x the forward (``TRAIN_PASSES``), with attention counted either over the pairs HART's
+level mask lets through (useful work) or over all ``L x L`` pairs (the dense convention).
 
 Dimensions (docs/design.md): B batch (images); L tokens (text encoder input); T context tokens; l scale
 tokens; K key tokens; C channels (model width); E text width; I MLP width; V
@@ -198,3 +202,68 @@ def sampling_flops(
     parts["diffusion_head"] = diffusion_head_flops(t2i_cfg, batch, steps) if steps else 0.0
     parts["decoder"] = decoder_flops(tok_cfg, batch, in_bounds)
     return parts
+
+
+# ------------------------------------------------------------------- training
+# Training FLOPs = TRAIN_PASSES x the forward's: the backward pass costs two forwards (the
+# gradients with respect to both the activations and the weights of every product).
+TRAIN_PASSES = 3.0
+
+
+def level_sizes(cfg: Any, n_keep: int | None = None) -> list[int]:
+    """Tokens of each level of the training sequence: the level-0 block (text or class
+    tokens), scales 1..N-2, and the ``n_keep`` kept tokens of the last scale (default all)."""
+    last = cfg.patch_nums[-1] ** 2 if n_keep is None else int(n_keep)
+    return [cfg.first_l] + [p * p for p in cfg.patch_nums[1:-1]] + [last]
+
+
+def visible_attention_pairs(cfg: Any, n_keep: int | None = None) -> int:
+    """(query, key) pairs HART's training mask lets through per sequence: key k is visible to
+    query q iff ``level(k) <= level(q)`` (the level-0 block sees itself fully)."""
+    sizes = level_sizes(cfg, n_keep)
+    seen = total = 0
+    for n in sizes:
+        seen += n
+        total += n * seen
+    return total
+
+
+def train_forward_flops(
+    cfg: Any, batch: int, n_keep: int | None = None, batch_mul: int = 4, dense_attention: bool = False
+) -> dict[str, float]:
+    """Forward FLOPs of one teacher-forced training step, by part, for ``batch`` sequences
+    with ``n_keep`` kept last-scale tokens (default all).
+
+    ``transformer_attention`` counts the visible (query, key) pairs under the level mask
+    (the useful work), or with ``dense_attention`` all ``L x L`` pairs (what the dense
+    ``xla`` path computes). ``diffusion_head``: the denoiser on the kept tokens tiled
+    ``batch_mul`` times, one step each. The frozen tokenizer and text encoder are not counted.
+    """
+    c, i, v = cfg.embed_dim, cfg.mlp_hidden, cfg.vocab_size
+    seq = sum(level_sizes(cfg, n_keep))
+    kept = level_sizes(cfg, n_keep)[-1]
+    mid = seq - cfg.first_l - kept
+    pairs = seq * seq if dense_attention else visible_attention_pairs(cfg, n_keep)
+    per_token_block = _dense(1, c, 3 * c) + _dense(1, c, c) + 2 * _dense(1, c, i) + _dense(1, i, c)
+    linear = batch * cfg.depth * seq * per_token_block
+    if not cfg.disable_aln:
+        linear += batch * cfg.depth * _dense(1, c, 6 * c)  # AdaLN of each block, once per sequence
+    w, d, z = cfg.diff_width, cfg.diff_depth, cfg.z_channels
+    diff_row = (
+        _dense(1, z, w) + _dense(1, FREQ_EMBED, w) + _dense(1, w, w) + _dense(1, c, w)
+        + d * (_dense(1, w, 2 * w) + _dense(1, w, 3 * w)) + _dense(1, w, 2 * w) + _dense(1, w, 2 * z)
+    )
+    return {
+        "transformer_linear": linear,
+        "transformer_attention": batch * cfg.depth * 2 * 2.0 * pairs * c,  # q @ k^T and probs @ v
+        "head": _dense(batch * (1 + mid + kept), c, v),  # last level-0 token + every image input
+        "word_embed": _dense(batch * (mid + 2 * kept), z, c),  # the inputs + the kept codes' condition
+        "diffusion_head": batch * kept * batch_mul * diff_row,
+    }
+
+
+def train_flops(
+    cfg: Any, batch: int, n_keep: int | None = None, batch_mul: int = 4, dense_attention: bool = False
+) -> float:
+    """Model FLOPs of one training step: ``TRAIN_PASSES`` x the forward (``train_forward_flops``)."""
+    return TRAIN_PASSES * sum(train_forward_flops(cfg, batch, n_keep, batch_mul, dense_attention).values())

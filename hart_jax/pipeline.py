@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +43,7 @@ from hart_jax.loading import PIPELINE_KIND, PIPELINE_PARTS, load_transformer, wr
 from hart_jax.models.autoencoder import HARTAutoEncoder, TokenizerConfig
 from hart_jax.models.transformer import HARTTransformer, T2IConfig
 from hart_jax.sampling import InjectedNoise, SamplingConfig, sample_images
+from hart_jax.train.sharding import DEFAULT_RULES, batch_divisor, batch_sharding, check_mesh, tree_shardings
 
 
 def default_dtype() -> Any:
@@ -59,20 +61,6 @@ def to_uint8(images_01: np.ndarray, truncate: bool = False) -> np.ndarray:
 def seed_keys(seeds: Sequence[int]) -> np.ndarray:
     """One ``jax.random.PRNGKey(seed)`` per image, stacked ``[N, 2]`` (host memory)."""
     return np.stack([np.asarray(jax.random.PRNGKey(int(s))) for s in seeds])
-
-
-def shard_largest_axis(x: Any, mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-    """Sharding of a weight over all devices of ``mesh`` along its largest axis that
-    divides evenly (replicated when none does). Under jit, XLA gathers each weight
-    where it is used, so a model that does not fit one device still runs."""
-    axes = tuple(mesh.axis_names)
-    size = mesh.devices.size
-    spec: list[Any] = [None] * np.ndim(x)
-    for d in sorted(range(np.ndim(x)), key=lambda i: -np.shape(x)[i]):
-        if np.shape(x)[d] % size == 0 and np.shape(x)[d] >= size:
-            spec[d] = axes if len(axes) > 1 else axes[0]
-            break
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
 def check_pipeline_dir(ckpt_dir: str | os.PathLike) -> Path:
@@ -100,6 +88,18 @@ class HARTPipeline:
     another directory switches it for every program compiled from then on, and a cache
     directory configured through JAX itself always wins. ``compile_cache_dir`` is the
     directory in use (None: off).
+
+    Sharding uses training's vocabulary (``hart_jax.train.sharding``): ``mesh`` is a
+    ``(data, fsdp, tensor)`` mesh (``make_mesh``); each batch is split over the mesh axes of
+    the ``batch`` rule (padded up to a multiple of their size) and the programs run under
+    ``rules`` (default ``DEFAULT_RULES``, as training), so the attention kernels split rows
+    and heads the same way. ``shard_params`` places every weight (transformer, tokenizer,
+    text encoder) by ``PARAM_LOGICAL_AXES`` under ``rules``, else weights are replicated;
+    it needs an axis that the rules split weights over (``fsdp`` / ``tensor``) of size > 1,
+    and is refused on a mesh splitting ``data``, ``fsdp`` and ``tensor`` all at once: on a
+    2 x 2 x 2 mesh the compiled sampler gave wrong rows (the rows of the (data 0, fsdp 1) and
+    (data 1, fsdp 0) devices) while the two-axis meshes tried (2x4x1, 4x2x1, 2x1x4, 1x4x2,
+    1x2x4, 2x2x1) matched one device.
     """
 
     def __init__(
@@ -113,8 +113,20 @@ class HARTPipeline:
         dtype: Any = None,
         mesh: jax.sharding.Mesh | None = None,
         shard_params: bool = False,
+        rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
         compile_cache: CacheSetting = None,
     ) -> None:
+        self.rules = [tuple(r) for r in rules]
+        if mesh is not None:
+            check_mesh(mesh, self.rules, shard_params)
+            split = [a for a in mesh.axis_names if mesh.shape[a] > 1]
+            if shard_params and len(split) >= 3:
+                raise ValueError(
+                    f"shard_params on a mesh that splits all of {', '.join(split)} is refused: XLA samples wrong "
+                    "tokens there (seen with JAX 0.10.2 and 0.12 on CPU); keep one of these axes at size 1"
+                )
+        elif shard_params:
+            raise ValueError("shard_params=True needs a mesh")
         self.compile_cache_dir = enable_compile_cache(compile_cache)  # before anything compiles
         self.dtype = dtype or default_dtype()
         self.shard_params = shard_params
@@ -173,7 +185,7 @@ class HARTPipeline:
             keep = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
             return jax.tree_util.tree_map(keep, tree)
         if self.shard_params:
-            return jax.tree_util.tree_map(lambda x: jax.device_put(x, shard_largest_axis(x, self.mesh)), tree)
+            return jax.device_put(tree, tree_shardings(tree, self.mesh, self.rules))
         rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         return jax.device_put(tree, rep)
 
@@ -184,12 +196,6 @@ class HARTPipeline:
         return self.t2i_cfg.patch_nums[-1] * self.tok_cfg.downsample
 
     # --------------------------------------------------------------- programs
-    def _batch_sharding(self, ndim: int) -> Any:
-        if self.mesh is None:
-            return None
-        axis = self.mesh.axis_names[0]
-        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(axis, *([None] * (ndim - 1))))
-
     def program(self, batch: int, scfg: SamplingConfig, *, from_context: bool = False, trace: bool = False) -> Callable:
         """The jitted program for ``batch`` images (cached per shape and settings)."""
         key = (batch, scfg, from_context, trace)
@@ -216,7 +222,7 @@ class HARTPipeline:
                 return sample(t2i_vars, tok_vars, context, mask, pos, keys, guidance, None)
 
         jitted = jax.jit(fn)
-        self._programs[key] = jitted if self.mesh is None else _InMesh(jitted, self.mesh)
+        self._programs[key] = jitted if self.mesh is None else _InMesh(jitted, self.mesh, self.rules)
         return self._programs[key]
 
     # ------------------------------------------------------------- generation
@@ -286,7 +292,7 @@ class HARTPipeline:
         if bs < 1:
             raise ValueError(f"batch_size must be >= 1, got {bs}")
         if self.mesh is not None:
-            size = self.mesh.devices.size
+            size = batch_divisor(self.mesh, self.rules)
             bs = int(math.ceil(bs / size) * size)
         scfg = SamplingConfig(top_k=top_k, top_p=float(top_p), more_smooth=bool(more_smooth))
         fn = self.program(bs, scfg)
@@ -307,7 +313,7 @@ class HARTPipeline:
             keys = seed_keys(chunk_seeds)
             args = [ids, attn, tokens.context_mask, tokens.context_position_ids, keys]
             if self.mesh is not None:
-                args = [jax.device_put(a, self._batch_sharding(np.ndim(a))) for a in args]
+                args = [jax.device_put(a, batch_sharding(self.mesh, self.rules)) for a in args]
             imgs = fn(self.t2i_vars, self.tok_vars, self.text_params, *args, jnp.float32(guidance_scale))
             imgs = np.asarray(imgs, np.float32)[: bs - pad]
             if output == "uint8":
@@ -319,22 +325,24 @@ class HARTPipeline:
 
 
 class _InMesh:
-    """A jitted program traced, lowered and run with ``mesh`` as the context mesh, so the
-    attention kernels split the batch over it (``hart_jax.attention.kernel_mesh_axes``)."""
+    """A jitted program traced, lowered and run with ``mesh`` as the context mesh and the
+    sharding ``rules`` in context, so the attention kernels split rows and heads as in
+    training (``hart_jax.attention.kernel_mesh_axes``) and the text encoder's activation
+    constraints apply."""
 
-    def __init__(self, jitted: Any, mesh: jax.sharding.Mesh) -> None:
-        self.jitted, self.mesh = jitted, mesh
+    def __init__(self, jitted: Any, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]) -> None:
+        self.jitted, self.mesh, self.rules = jitted, mesh, list(rules)
 
     def __call__(self, *args: Any) -> Any:
-        with jax.set_mesh(self.mesh):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return self.jitted(*args)
 
     def trace(self, *args: Any) -> Any:
-        with jax.set_mesh(self.mesh):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return self.jitted.trace(*args)
 
     def lower(self, *args: Any) -> Any:
-        with jax.set_mesh(self.mesh):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return self.jitted.lower(*args)
 
 

@@ -39,7 +39,8 @@ import numpy as np
 
 from hart_jax.errors import CheckpointError
 from hart_jax.loading import DEFAULT_MAX_LENGTH, load_text_encoder
-from hart_jax.models.text_encoder import LOGICAL_AXIS_RULES, Qwen2Config, Qwen2Model, param_shardings
+from hart_jax.models.text_encoder import Qwen2Config, Qwen2Model
+from hart_jax.train.sharding import DEFAULT_RULES, check_mesh, spec_for, tree_shardings
 
 Dtype = Any
 PrecisionLike = Any
@@ -150,8 +151,9 @@ class PromptEncoder:
     the Flax params tree (``"params"`` collection) of ``config``; ``prefix`` the
     instruction prefix (``None``: no prefix). ``dtype`` is the compute dtype
     (float32 or bfloat16), ``param_dtype`` optionally casts the params once.
-    With ``mesh`` the params are placed with ``param_shardings`` and the encoder
-    runs under ``rules`` (batch over ``"data"`` when it divides).
+    With ``mesh`` (a ``hart_jax.train.sharding.make_mesh`` mesh) the params are placed by
+    training's ``PARAM_LOGICAL_AXES`` under ``rules`` (default ``DEFAULT_RULES``) and the
+    encoder runs under them, its batch split over the ``batch`` rule's axes that divide it.
     """
 
     def __init__(
@@ -166,20 +168,22 @@ class PromptEncoder:
         param_dtype: Dtype | None = None,
         precision: PrecisionLike = None,
         mesh: jax.sharding.Mesh | None = None,
-        rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES,
+        rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
     ) -> None:
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         self.config = config
         self.prefix = prefix
         self.max_length = int(max_length)
         self.mesh = mesh
-        self.rules = list(rules)
+        self.rules = [tuple(r) for r in rules]
+        if mesh is not None:
+            check_mesh(mesh, self.rules, shard_params=False)
         self.model = Qwen2Model(config, dtype=dtype, precision=precision)
         params = dict(params)
         if param_dtype is not None:
             params = _cast_floats(params, param_dtype)
         if mesh is not None:
-            params = jax.device_put(params, param_shardings(config, mesh, self.rules))
+            params = jax.device_put(params, tree_shardings(params, mesh, self.rules))
         self.params = params
         n = self.max_length
         model = self.model
@@ -216,9 +220,7 @@ class PromptEncoder:
         if self.mesh is None:
             context = self._encode(self.params, jnp.asarray(ids_BS), jnp.asarray(mask_BS))
         else:
-            data = dict(self.rules).get("batch")
-            size = self.mesh.shape[data] if data in self.mesh.shape else 1
-            spec = jax.sharding.PartitionSpec(data) if ids_BS.shape[0] % size == 0 else jax.sharding.PartitionSpec()
+            spec = spec_for(("batch",), ids_BS.shape[:1], self.mesh, self.rules)
             sharding = jax.sharding.NamedSharding(self.mesh, spec)
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
                 context = self._encode(

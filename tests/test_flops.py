@@ -92,3 +92,50 @@ def test_stage_tokens_cover_the_sequence():
     assert stages[0] == (t2i.context_token, t2i.context_token)
     assert stages[-1][1] == t2i.seq_len
     assert sum(q for q, _ in stages) == t2i.seq_len
+
+
+# ------------------------------------------------------------------- training
+def mask_pairs(cfg, n_keep) -> int:
+    """Visible (query, key) pairs of the training mask as the model builds it: the sequence's
+    level ids (``T2IConfig.level_ids``, what ``teacher_forced`` uses) through the attention's
+    own mask (``hart_jax.kernels.reference.level_mask``, the cudnn path's mask)."""
+    from hart_jax.kernels.reference import level_mask, levels_2d
+
+    levels = jnp.asarray(cfg.level_ids(n_keep))
+    lev = levels_2d(levels, 1, levels.shape[0], "levels")
+    return int(jnp.sum(level_mask(lev, lev)))
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_train_useful_attention_pairs_match_the_mask(drop):
+    """The useful count is exactly the mask's visible pairs (all last-scale tokens, or a dropped
+    subset), fewer than the dense L x L; only the attention part differs between the two."""
+    _, cfg, _ = preset_configs("tiny")
+    n_last = cfg.patch_nums[-1] ** 2
+    n_keep = n_last - 5 if drop else None
+    seq = len(cfg.level_ids(n_keep))
+    assert seq == cfg.seq_len - (5 if drop else 0)
+    pairs = flops.visible_attention_pairs(cfg, n_keep)
+    assert pairs == mask_pairs(cfg, n_keep)
+    assert pairs < seq * seq
+    batch, mul = 3, 4
+    useful = flops.train_forward_flops(cfg, batch, n_keep, mul)
+    dense = flops.train_forward_flops(cfg, batch, n_keep, mul, dense_attention=True)
+    assert {k for k in useful if useful[k] != dense[k]} == {"transformer_attention"}
+    assert dense["transformer_attention"] * pairs == useful["transformer_attention"] * seq * seq
+    assert useful["transformer_attention"] == batch * cfg.depth * 4 * cfg.embed_dim * pairs  # two products
+    assert flops.train_flops(cfg, batch, n_keep, mul) < flops.train_flops(cfg, batch, n_keep, mul, dense_attention=True)
+
+
+def test_train_flops_are_three_forwards():
+    """The stated convention: a training step is TRAIN_PASSES = 3 forwards (backward = 2)."""
+    _, cfg, _ = preset_configs("full", 1024)
+    assert flops.TRAIN_PASSES == 3.0
+    for dense in (False, True):
+        fwd = flops.train_forward_flops(cfg, 4, 1024, 4, dense_attention=dense)
+        assert flops.train_flops(cfg, 4, 1024, 4, dense_attention=dense) == 3.0 * sum(fwd.values())
+    # token dropping shrinks the sequence: fewer FLOPs, and the last-scale-only parts scale with it
+    full = flops.train_forward_flops(cfg, 4, None, 4)
+    kept = flops.train_forward_flops(cfg, 4, cfg.patch_nums[-1] ** 2 // 4, 4)
+    assert kept["diffusion_head"] * 4 == pytest.approx(full["diffusion_head"], rel=1e-12)
+    assert all(kept[k] < full[k] for k in full)

@@ -544,9 +544,9 @@ def test_dispatcher_rejects_bad_inputs():
 
 def test_pallas_kernels_split_over_the_context_mesh():
     """Under a context mesh the kernels run per device under shard_map (XLA cannot partition a
-    Triton call); the result equals the unsharded reference. Training: the Flax rules split rows
-    over data x fsdp and heads over tensor; sampling (no rules): rows over every mesh axis that
-    divides them."""
+    Triton call); the result equals the unsharded reference. The Flax rules in context split
+    rows over data x fsdp and heads over tensor; with no rules in context training's
+    DEFAULT_RULES do the same (one sharding vocabulary)."""
     import flax.linen as nn
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -573,9 +573,9 @@ def test_pallas_kernels_split_over_the_context_mesh():
             assert attn.kernel_mesh_axes(B, H)[1:] == (("data", "fsdp"), ("tensor",))
             assert "shard_map" in str(jax.make_jaxpr(f)(qs, ks_, vs))
             out, grads = jax.jit(f)(qs, ks_, vs), fb(qs, ks_, vs)
-        with jax.set_mesh(mesh):
-            assert attn.kernel_mesh_axes(B, H)[1:] == (("data", "fsdp"), ())  # 8 does not divide 4 rows
-            assert attn.kernel_spec("NBLHD", B, H) == P(None, ("data", "fsdp"), None, None, None)
+        with jax.set_mesh(mesh):  # no rules in context: DEFAULT_RULES
+            assert attn.kernel_mesh_axes(B, H)[1:] == (("data", "fsdp"), ("tensor",))
+            assert attn.kernel_spec("NBLHD", B, H) == P(None, ("data", "fsdp"), None, "tensor", None)
             got_c = cf(q[:, :9], k_all, v_all, jnp.int32(1))
     assert attn.kernel_mesh_axes(B, H) is None  # no context mesh: the kernels run as they are
     assert out.sharding.spec == P(("data", "fsdp"), None, "tensor", None)
@@ -589,7 +589,8 @@ def test_pallas_kernels_split_over_the_context_mesh():
 def test_sharded_kernels_lower_for_cuda_on_each_devices_rows_and_heads(axis_type):
     """The 0.7B training shape on an abstract 2 x 2 x 2 mesh of H100s: forward and both backward
     Triton calls see [8 / 4 rows, L, 24 / 2 heads, 64], not the global arrays; the sampler's
-    stacked-cache call sees its rows of the stack. Both kinds of mesh axes (``Explicit`` is what
+    stacked-cache call (no rules in context: training's DEFAULT_RULES) sees its rows and heads
+    of the stack. Both kinds of mesh axes (``Explicit`` is what
     ``AbstractMesh`` / ``make_mesh`` give by default from JAX 0.12 on)."""
     import flax.linen as nn
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -614,9 +615,10 @@ def test_sharded_kernels_lower_for_cuda_on_each_devices_rows_and_heads(axis_type
     assert triton_operands(fwd) == [{("2", "12")}]
     assert triton_operands(bwd) == [{("2", "12")}] * 3
 
-    q = jax.ShapeDtypeStruct((8, 4096, 24, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P(("data", "fsdp", "tensor"))))
+    q = jax.ShapeDtypeStruct((8, 4096, 24, 64), jnp.bfloat16,
+                             sharding=NamedSharding(mesh, P(("data", "fsdp"), None, "tensor")))
     stack = jax.ShapeDtypeStruct((24, 8, 9856, 24, 64), jnp.bfloat16,
-                                 sharding=NamedSharding(mesh, P(None, ("data", "fsdp", "tensor"))))
+                                 sharding=NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor")))
     n = jax.ShapeDtypeStruct((8,), jnp.int32)
     layer = jax.ShapeDtypeStruct((), jnp.int32)
     c = lambda q, ka, va, n, layer: attn.cache_attention(  # noqa: E731
@@ -624,7 +626,7 @@ def test_sharded_kernels_lower_for_cuda_on_each_devices_rows_and_heads(axis_type
     with jax.sharding.use_abstract_mesh(mesh):
         text = jax.jit(c).trace(q, stack, stack, n, layer).lower(lowering_platforms=("cuda",)).as_text()
     call = next(line for line in text.splitlines() if TRITON_CALL in line)
-    assert "tensor<24x1x9856x24x64xbf16>" in call and "tensor<1x4096x24x64xbf16>" in call, call
+    assert "tensor<24x2x9856x12x64xbf16>" in call and "tensor<2x4096x12x64xbf16>" in call, call
 
 
 # ----------------------------------------------------------------------------- benchmark

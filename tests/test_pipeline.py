@@ -24,6 +24,7 @@ from hart_jax.errors import CheckpointError
 from hart_jax.pipeline import HARTPipeline
 from hart_jax.sample_cli import RELEASE_SAMPLING
 from hart_jax.sampling import InjectedNoise, SamplingConfig
+from hart_jax.train.sharding import make_mesh
 from test_prompts import build_tokenizer
 
 PROMPTS = ["a cat sleeping", "a city street", "a bus passing"]
@@ -176,36 +177,38 @@ def test_images_per_prompt_and_guidance_one(pipe, side):
     assert_close(out[1:2], pipe([PROMPTS[0]], seed=4, **kw), "image 1")
 
 
-def sharded_pipeline(pipe_dir, shard_params: bool, impl: str) -> HARTPipeline:
-    """The pipeline on 8 CPU devices (batch rows split over them); with ``shard_params`` each
-    weight is split along its largest axis that 8 divides (checked on the output head)."""
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def sharded_pipeline(pipe_dir, sizes: tuple[int, int, int], shard_params: bool, impl: str) -> HARTPipeline:
+    """The pipeline on 8 CPU devices with training's ``(data, fsdp, tensor)`` mesh of ``sizes``
+    and rules: rows over data x fsdp; with ``shard_params`` every weight by its logical axes
+    (checked on the transformer's output head and the text encoder's query projection: input
+    width over fsdp, output over tensor, where they divide), else replicated."""
+    mesh = make_mesh(*sizes)
     p = HARTPipeline.from_converted(pipe_dir, mesh=mesh, shard_params=shard_params, attention_impl=impl)
     if shard_params:
-        kernel = p.t2i_vars["params"]["head"]["kernel"]  # [embed_dim, vocab] of the fixture model
-        split = [d for d in sorted(range(kernel.ndim), key=lambda d: -kernel.shape[d]) if kernel.shape[d] % 8 == 0]
-        assert split, f"no axis of the head kernel {kernel.shape} divides over 8 devices"
-        spec = [None] * kernel.ndim
-        spec[split[0]] = "data"
-        assert kernel.sharding.spec == jax.sharding.PartitionSpec(*spec)
-        shard = list(kernel.shape)
-        shard[split[0]] //= 8
-        assert kernel.addressable_shards[0].data.shape == tuple(shard)
+        fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+        for kernel in (p.t2i_vars["params"]["head"]["kernel"], p.text_params["layers_0"]["self_attn"]["q_proj"]["kernel"]):
+            n_in, n_out = kernel.shape  # [embed, vocab] / [embed, heads]
+            split = (fsdp if fsdp > 1 and n_in % fsdp == 0 else 1, tensor if tensor > 1 and n_out % tensor == 0 else 1)
+            assert split != (1, 1), kernel.shape
+            spec = tuple(kernel.sharding.spec) + (None,) * (2 - len(kernel.sharding.spec))  # trailing Nones dropped
+            assert spec == ("fsdp" if split[0] > 1 else None, "tensor" if split[1] > 1 else None), (kernel.shape, spec)
+            assert kernel.addressable_shards[0].data.shape == (n_in // split[0], n_out // split[1])
     return p
 
 
 @pytest.mark.parametrize(
-    "shard_params,impl", [(False, "auto"), (True, "auto"), (True, "pallas")],
-    ids=["replicated-params", "sharded-params", "sharded-params-pallas"],
+    "sizes,shard_params,impl", [((8, 1, 1), False, "auto"), ((2, 4, 1), True, "auto"), ((2, 1, 4), True, "pallas")],
+    ids=["data-replicated-params", "fsdp-sharded-params", "tensor-sharded-params-pallas"],
 )
-def test_sharded_batch_matches_one_device(pipe_dir, pipe, shard_params, impl, monkeypatch):
-    """8 devices, each on its rows (9 images: two batches of 8, the second padded); with pallas
-    the cache kernel (interpreted) runs under shard_map on each device's rows of the stacked
-    caches. Sampled with hard tokens (``more_smooth=False``): the same tokens at every scale and
-    the images within 1e-4 (sharded sums are reordered; measured <= 7e-6)."""
+def test_sharded_batch_matches_one_device(pipe_dir, pipe, sizes, shard_params, impl, monkeypatch):
+    """8 devices (9 images: two batches of 8, the second padded): a data-only mesh, weights
+    split over fsdp, or over tensor where the cache kernel (pallas, interpreted) runs under
+    shard_map on each device's rows (data) and heads (tensor) of the stacked caches, as in
+    training. Sampled with hard tokens (``more_smooth=False``): the same tokens at every
+    scale and the images within 1e-4 (sharded sums are reordered; measured <= 7e-6)."""
     import hart_jax.attention as A
 
-    sharded = sharded_pipeline(pipe_dir, shard_params, impl)
+    sharded = sharded_pipeline(pipe_dir, sizes, shard_params, impl)
     prompts = PROMPTS * 3
     kw = dict(seed=2, batch_size=8, more_smooth=False, output="float")
     splits = []
@@ -217,8 +220,26 @@ def test_sharded_batch_matches_one_device(pipe_dir, pipe, shard_params, impl, mo
     want, want_tr = traced_call(pipe, prompts, **kw)
     assert_same_tokens(got_tr, want_tr, len(prompts))
     assert_close(got, want, "sharded")
-    if impl == "pallas":  # traced inside the pipeline's mesh: every kernel call split 8 ways by rows
-        assert splits and all(s is not None and s[1:] == (("data",), ()) for s in splits), splits[:3]
+    if impl == "pallas":  # traced inside the pipeline's mesh and rules: rows over data, heads over tensor
+        assert pipe.t2i_cfg.num_heads % sizes[2] == 0
+        assert splits and all(s is not None and s[1:] == (("data",), ("tensor",)) for s in splits), splits[:3]
+
+
+def test_mesh_requests_that_cannot_be_honoured(pipe):
+    """Weights cannot be split on a data-only mesh, nor without a mesh; sharded weights on a
+    mesh splitting data, fsdp and tensor at once are refused (XLA samples wrong tokens there,
+    see HARTPipeline); a mesh axis the rules do not name is refused: each a one-line
+    ValueError before anything is placed."""
+    args = (pipe.tok_cfg, pipe.tok_vars, pipe.t2i_cfg, pipe.t2i_vars)
+    with pytest.raises(ValueError, match="shard_params needs a mesh axis of size > 1 .*the mesh is data=8, fsdp=1, tensor=1"):
+        HARTPipeline(*args, mesh=make_mesh(8), shard_params=True)
+    with pytest.raises(ValueError, match="shard_params=True needs a mesh"):
+        HARTPipeline(*args, shard_params=True)
+    with pytest.raises(ValueError, match="shard_params on a mesh that splits all of data, fsdp, tensor is refused"):
+        HARTPipeline(*args, mesh=make_mesh(2, 2, 2), shard_params=True)
+    model_mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with pytest.raises(ValueError, match=r"mesh axes \['model'\] are not named by the sharding rules"):
+        HARTPipeline(*args, mesh=model_mesh)
 
 
 def test_sharded_release_sampling_same_tokens(pipe_dir, pipe):
@@ -226,7 +247,7 @@ def test_sharded_release_sampling_same_tokens(pipe_dir, pipe):
     weights: the same tokens at every scale, images within CHAINED_GUMBEL_ATOL (conftest: each
     scale's softmax at temperature ~0.03-0.27 amplifies reordered-sum noise about 10x; measured
     here 1e-4 on the image, 5e-4 on the final f_hat)."""
-    sharded = sharded_pipeline(pipe_dir, True, "auto")
+    sharded = sharded_pipeline(pipe_dir, (2, 4, 1), True, "auto")
     prompts = PROMPTS * 3
     kw = dict(seed=2, batch_size=8, output="float")
     assert SamplingConfig().more_smooth  # the default, as in the release

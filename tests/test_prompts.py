@@ -23,6 +23,7 @@ from hart_jax.convert.qwen2 import convert_and_save, convert_qwen2, main, read_p
 from hart_jax.errors import CheckpointError
 from hart_jax.loading import PREFIX_FILE, RELEASE_PREFIX_SHA256
 from hart_jax.prompts import PromptEncoder, load_tokenizer, tokenize_prompts
+from hart_jax.train.sharding import make_mesh
 
 L = 48  # prompt tokens (HART: 300)
 PREFIX = 'Rewrite the "prompt" below in detail.\n\nUser Prompt:\n'
@@ -197,12 +198,15 @@ def test_bf16_and_sharded_encoder(qwen, tokenizer_dirs):
     assert out.dtype == jnp.float32
     err = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
     assert err < 0.05, err
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    mesh = make_mesh(2, 1, 4)  # training's mesh and rules: MLP width over tensor, batch over data
     sharded = PromptEncoder(tokenizer_dirs["right"], params, cfg, PREFIX, max_length=L, mesh=mesh)
     assert sharded.params["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
-        None, "model"
+        None, "tensor"
     )
     assert_close(sharded(prompts).context, ref, "sharded", atol=1e-5, rtol=1e-5)
+    model_mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    with pytest.raises(ValueError, match=r"mesh axes \['model'\] are not named by the sharding rules"):
+        PromptEncoder(tokenizer_dirs["right"], params, cfg, PREFIX, max_length=L, mesh=model_mesh)
 
 
 def test_token_outside_vocabulary(qwen, tokenizer_dirs):

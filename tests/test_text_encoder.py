@@ -28,13 +28,8 @@ from hart_jax.convert.qwen2 import (
 )
 from hart_jax.convert.table import flatten_params
 from hart_jax.errors import CheckpointError, ConversionError
-from hart_jax.models.text_encoder import (
-    LOGICAL_AXIS_RULES,
-    Qwen2Config,
-    Qwen2Model,
-    param_logical_specs,
-    param_shardings,
-)
+from hart_jax.models.text_encoder import Qwen2Config, Qwen2Model
+from hart_jax.train.sharding import DEFAULT_RULES, logical_axes, make_mesh, tree_shardings
 
 TINY = dict(
     vocab_size=97,
@@ -243,15 +238,29 @@ def test_sharded_run_matches_single_device():
     )
     ref = jax.jit(model.apply)({"params": params}, ids, mask)
 
-    specs = param_logical_specs(cfg)
-    assert specs["layers_0"]["self_attn"]["q_proj"]["kernel"] == jax.sharding.PartitionSpec("embed", "heads")
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
-    sharded = jax.device_put(params, param_shardings(cfg, mesh))
-    q = sharded["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "model")
-    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (64, 16)
-    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    # training's sharding vocabulary: every Qwen2 parameter has its own logical axes
+    want = {
+        "embed_tokens/embedding": ("vocab", "embed"), "norm/scale": ("norm",),
+        "layers_0/input_layernorm/scale": ("norm",), "layers_0/post_attention_layernorm/scale": ("norm",),
+        "layers_0/self_attn/q_proj/kernel": ("embed", "heads"), "layers_0/self_attn/q_proj/bias": ("heads",),
+        "layers_0/self_attn/k_proj/kernel": ("embed", "kv_heads"), "layers_0/self_attn/k_proj/bias": ("kv_heads",),
+        "layers_0/self_attn/v_proj/kernel": ("embed", "kv_heads"), "layers_0/self_attn/v_proj/bias": ("kv_heads",),
+        "layers_0/self_attn/o_proj/kernel": ("heads", "embed"),
+        "layers_0/mlp/gate_proj/kernel": ("embed", "mlp"), "layers_0/mlp/up_proj/kernel": ("embed", "mlp"),
+        "layers_0/mlp/down_proj/kernel": ("mlp", "embed"),
+    }
+    flat = flatten_params(params)
+    assert {k: logical_axes(k, flat[k].ndim) for k in flat} == want
+    mesh = make_mesh(2, 2, 2)
+    sharded = jax.device_put(params, tree_shardings(params, mesh, DEFAULT_RULES))
+    attn = sharded["layers_0"]["self_attn"]
+    assert attn["q_proj"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert attn["q_proj"]["kernel"].addressable_shards[0].data.shape == (32, 32)
+    assert attn["k_proj"]["kernel"].addressable_shards[0].data.shape == (32, 16)  # 2 kv heads x 16 over tensor
+    assert attn["k_proj"]["bias"].sharding.spec == jax.sharding.PartitionSpec("tensor")
+    assert sharded["embed_tokens"]["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         out = jax.jit(model.apply)({"params": sharded}, jax.device_put(ids, batch), jax.device_put(mask, batch))
     assert_close(out, ref, "sharded", atol=1e-5, rtol=1e-5)
 

@@ -3,7 +3,6 @@ captions as the release does, and the step's frozen Qwen2 gives ``PromptEncoder`
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +28,7 @@ def encoder_dir(tmp_path_factory):
     tok = build_tokenizer(root / "tok", "right")
     cfg = Qwen2Config(vocab_size=400, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, rope_theta=1000.0)
-    params = nn.unbox(Qwen2Model(cfg).init(jax.random.PRNGKey(3), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = Qwen2Model(cfg).init(jax.random.PRNGKey(3), jnp.zeros((1, 4), jnp.int32))["params"]
     params = jax.tree_util.tree_map(lambda x: x + 0.02 * jax.random.normal(jax.random.PRNGKey(4), x.shape), params)
     return save_text_encoder(root / "enc", cfg, params, prefix=PREFIX, tokenizer_dir=tok, max_length=T)
 

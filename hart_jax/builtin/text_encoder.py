@@ -46,11 +46,9 @@ def fit_bpe(captions: Iterable[str], vocab_size: int) -> Any:
 
 def random_params(cfg: Qwen2Config, seed: int) -> Any:
     """Fresh ``Qwen2Model`` params (the ``"params"`` collection) from the model's initialisers."""
-    import flax.linen as nn
-
     model = Qwen2Model(cfg)
     variables = model.init(jax.random.PRNGKey(int(seed)), jnp.zeros((1, 1), jnp.int32))
-    return jax.tree_util.tree_map(np.asarray, nn.unbox(variables)["params"])
+    return jax.tree_util.tree_map(np.asarray, variables["params"])
 
 
 def build_text_encoder(

@@ -101,9 +101,7 @@ def _skipped(key: str) -> bool:
 
 def expected_qwen2_params(cfg: Qwen2Config) -> dict[str, Any]:
     """Shapes of the model's params for ``cfg`` via ``jax.eval_shape`` (nothing allocated)."""
-    import flax.linen as nn
-
-    return dict(nn.unbox(abstract_variables(cfg))["params"])
+    return dict(abstract_variables(cfg)["params"])
 
 
 def convert_qwen2_state(

@@ -22,16 +22,17 @@ normalised value to the compute dtype before the scale; RoPE's inverse
 frequencies and angles are fp32, cos/sin are cast to the compute dtype; the
 softmax runs in fp32. ``dtype`` is the compute dtype (float32 or bfloat16).
 
-Parameters carry logical axis names (``vocab``, ``embed``, ``heads``,
-``kv_heads``, ``mlp``, ``norm``) and activations logical constraints (``batch``,
-``length``, ``embed``), so the encoder runs sharded through
-``LOGICAL_AXIS_RULES`` / ``param_shardings``; without rules they are no-ops.
+The module carries no sharding scheme of its own: its parameters get logical axis
+names from their paths in ``hart_jax.train.sharding.PARAM_LOGICAL_AXES`` (``vocab``,
+``embed``, ``heads``, ``kv_heads``, ``mlp``, ``norm``), as the transformer's do, and
+its activations carry the training's logical constraints (``batch``, ``length``,
+``act_embed``), no-ops outside ``nn.logical_axis_rules``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -40,19 +41,6 @@ import numpy as np
 
 Dtype = Any
 PrecisionLike = Any
-
-# Logical axis -> mesh axis: batch over "data", every wide parameter axis over "model".
-LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
-    ("batch", "data"),
-    ("length", None),
-    ("embed", None),
-    ("norm", None),
-    ("vocab", "model"),
-    ("heads", "model"),
-    ("kv_heads", "model"),
-    ("mlp", "model"),
-)
-
 
 # --------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
@@ -218,23 +206,14 @@ def causal_padding_mask(attention_mask_BL: jax.Array) -> jax.Array:
     return causal_QK[None] & attention_mask_BL.astype(bool)[:, None, :]
 
 
-def _dense(
-    features: int,
-    axes: tuple[str, str],
-    *,
-    use_bias: bool,
-    dtype: Dtype,
-    param_dtype: Dtype,
-    precision: PrecisionLike,
-) -> nn.Dense:
+def _dense(features: int, *, use_bias: bool, dtype: Dtype, param_dtype: Dtype, precision: PrecisionLike) -> nn.Dense:
     return nn.Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
         precision=precision,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+        kernel_init=nn.initializers.normal(0.02),
     )
 
 
@@ -248,8 +227,7 @@ class RMSNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
-        init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
-        self.scale = self.param("scale", init, (self.dim,), self.param_dtype)
+        self.scale = self.param("scale", nn.initializers.ones_init(), (self.dim,), self.param_dtype)
 
     def __call__(self, x_BLE: jax.Array) -> jax.Array:
         x = x_BLE.astype(jnp.float32)
@@ -272,10 +250,10 @@ class Qwen2Attention(nn.Module):
     def setup(self) -> None:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = _dense(q_out, ("embed", "heads"), use_bias=True, **kw)
-        self.k_proj = _dense(kv_out, ("embed", "kv_heads"), use_bias=True, **kw)
-        self.v_proj = _dense(kv_out, ("embed", "kv_heads"), use_bias=True, **kw)
-        self.o_proj = _dense(self.hidden_size, ("heads", "embed"), use_bias=False, **kw)
+        self.q_proj = _dense(q_out, use_bias=True, **kw)
+        self.k_proj = _dense(kv_out, use_bias=True, **kw)
+        self.v_proj = _dense(kv_out, use_bias=True, **kw)
+        self.o_proj = _dense(self.hidden_size, use_bias=False, **kw)
 
     def __call__(
         self, x_BLE: jax.Array, cos_BLD: jax.Array, sin_BLD: jax.Array, mask_BQK: jax.Array
@@ -311,9 +289,9 @@ class Qwen2MLP(nn.Module):
 
     def setup(self) -> None:
         kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-        self.gate_proj = _dense(self.intermediate_size, ("embed", "mlp"), **kw)
-        self.up_proj = _dense(self.intermediate_size, ("embed", "mlp"), **kw)
-        self.down_proj = _dense(self.hidden_size, ("mlp", "embed"), **kw)
+        self.gate_proj = _dense(self.intermediate_size, **kw)
+        self.up_proj = _dense(self.intermediate_size, **kw)
+        self.down_proj = _dense(self.hidden_size, **kw)
 
     def __call__(self, x_BLE: jax.Array) -> jax.Array:
         return self.down_proj(nn.silu(self.gate_proj(x_BLE)) * self.up_proj(x_BLE))
@@ -347,7 +325,7 @@ class Qwen2DecoderLayer(nn.Module):
     ) -> jax.Array:
         x_BLE = x_BLE + self.self_attn(self.input_layernorm(x_BLE), cos_BLD, sin_BLD, mask_BQK)
         x_BLE = x_BLE + self.mlp(self.post_attention_layernorm(x_BLE))
-        return nn.with_logical_constraint(x_BLE, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x_BLE, ("batch", "length", "act_embed"))
 
 
 class Qwen2Model(nn.Module):
@@ -365,7 +343,7 @@ class Qwen2Model(nn.Module):
             c.hidden_size,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            embedding_init=nn.initializers.normal(0.02),
         )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.layers = [Qwen2DecoderLayer(c, precision=self.precision, **kw) for _ in range(c.num_hidden_layers)]
@@ -392,31 +370,17 @@ class Qwen2Model(nn.Module):
         mask_BQK = causal_padding_mask(attention_mask_BL)
         cos_BLD, sin_BLD = rope_cos_sin(position_ids_BL, c.resolved_head_dim, c.rope_theta, self.dtype)
         x_BLE = self.embed_tokens(input_ids_BL).astype(self.dtype)
-        x_BLE = nn.with_logical_constraint(x_BLE, ("batch", "length", "embed"))
+        x_BLE = nn.with_logical_constraint(x_BLE, ("batch", "length", "act_embed"))
         for layer in self.layers:
             x_BLE = layer(x_BLE, cos_BLD, sin_BLD, mask_BQK)
         return self.norm(x_BLE)
 
 
-# ------------------------------------------------------------------ sharding
+# ------------------------------------------------------------------ shapes
 def abstract_variables(
     cfg: Qwen2Config, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32
 ) -> Any:
-    """``jax.eval_shape`` of the model's ``init`` (boxed with logical axis names)."""
+    """``jax.eval_shape`` of the model's ``init`` (``ShapeDtypeStruct`` leaves)."""
     model = Qwen2Model(cfg, dtype=dtype, param_dtype=param_dtype)
     ids = jnp.zeros((1, 1), jnp.int32)
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
-
-
-def param_logical_specs(cfg: Qwen2Config) -> Any:
-    """The params tree as logical ``PartitionSpec``s (e.g. ``("embed", "heads")``)."""
-    return nn.get_partition_spec(abstract_variables(cfg))["params"]
-
-
-def param_shardings(
-    cfg: Qwen2Config,
-    mesh: jax.sharding.Mesh,
-    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES,
-) -> Any:
-    """``NamedSharding`` per parameter on ``mesh`` under the logical ``rules``."""
-    return nn.logical_to_mesh_sharding(param_logical_specs(cfg), mesh, list(rules))

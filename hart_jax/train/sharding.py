@@ -1,9 +1,11 @@
-"""Device mesh, logical axis names of the parameters (transformer, tokenizer), and shardings.
+"""Device mesh, logical axis names of the parameters, and shardings: the one sharding
+vocabulary of training and sampling (transformer, tokenizer, Qwen2 text encoder).
 
 The model code stays free of sharding annotations: each parameter gets logical axis
 names from its path (``PARAM_LOGICAL_AXES``, first matching pattern wins; the stacked
 transformer blocks ``blocks/...`` get a leading ``layers`` axis before them), and the
-config's ``rules`` map logical names to mesh axes (``data``, ``fsdp``, ``tensor``).
+``rules`` (``DEFAULT_RULES`` unless a config or ``HARTPipeline(rules=...)`` gives others)
+map logical names to mesh axes (``data``, ``fsdp``, ``tensor``).
 The same path rules cover the optimizer state and the EMA copy, whose leaves end in
 the parameter's path. A mesh axis that does not divide a dimension is dropped for
 that dimension (the dimension is replicated) rather than failing.
@@ -45,6 +47,15 @@ PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"lvl_embed/embedding$", (None, "embed")),
     (r"diffloss/.*kernel$", ("diff_in", "diff_out")),
     (r"diffloss/.*(bias|scale)$", ("diff_out",)),
+    # Qwen2 text encoder (hart_jax/models/text_encoder.py); its RMSNorm scales match "scale$".
+    (r"embed_tokens/embedding$", ("vocab", "embed")),
+    (r"self_attn/q_proj/kernel$", ("embed", "heads")),
+    (r"self_attn/q_proj/bias$", ("heads",)),
+    (r"self_attn/(k_proj|v_proj)/kernel$", ("embed", "kv_heads")),
+    (r"self_attn/(k_proj|v_proj)/bias$", ("kv_heads",)),
+    (r"self_attn/o_proj/kernel$", ("heads", "embed")),
+    (r"mlp/(gate_proj|up_proj)/kernel$", ("embed", "mlp")),
+    (r"mlp/down_proj/kernel$", ("mlp", "embed")),
     (r"kernel$", ("input", "embed")),
     # 2-D convs (tokenizer, discriminator): [kh, kw, in, out]; "conv_out" is only mapped by
     # TOKENIZER_RULES, so under DEFAULT_RULES conv kernels stay replicated as before.
@@ -66,6 +77,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("diff_in", "fsdp"),
     ("qkv", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("adaln", "tensor"),
     ("vocab", "tensor"),
@@ -94,6 +106,34 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
     arr = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(arr, MESH_AXES)
+
+
+def check_mesh(mesh: Mesh, rules: Sequence[tuple[str, Any]], shard_params: bool = True) -> None:
+    """ValueError (one line) for a mesh ``rules`` cannot use: an axis of size > 1 that no rule
+    names, or ``shard_params`` on a mesh with no axis of size > 1 that parameters split over."""
+    named = {a for _, r in rules for a in axes_tuple(r)}
+    unknown = [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in named]
+    if unknown:
+        raise ValueError(
+            f"mesh axes {unknown} are not named by the sharding rules (they use {sorted(named)}); "
+            "build the mesh with hart_jax.train.sharding.make_mesh"
+        )
+    if shard_params and not param_mesh_axes(mesh, rules):
+        table = dict(rules)
+        axes = sorted({a for _, ax in PARAM_LOGICAL_AXES for n in ax if n for a in axes_tuple(table.get(n))})
+        sizes = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
+        raise ValueError(
+            f"shard_params needs a mesh axis of size > 1 that the rules split weights over ({', '.join(axes)}); "
+            f"the mesh is {sizes}"
+        )
+
+
+def param_mesh_axes(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
+    """Mesh axes of size > 1 that ``rules`` split some parameter's logical axis over."""
+    table = dict(rules)
+    names = {n for _, axes in PARAM_LOGICAL_AXES for n in axes if n is not None}
+    axes = {a for n in names for a in axes_tuple(table.get(n))}
+    return tuple(a for a in mesh.axis_names if a in axes and mesh.shape[a] > 1)
 
 
 def path_str(path: Iterable[Any]) -> str:
