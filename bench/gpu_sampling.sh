@@ -12,38 +12,17 @@
 # cudnn (batch 8 with attention_impl=cudnn); batches (16 and 32 images per call); hlo (copies /
 # transposes / converts per stage of the batch-8 program). Without HART_SRC the compare section
 # times hart-jax alone. PRESET=tiny runs the script on a CPU in a few minutes (dry run; no cudnn).
-# WHEEL_DIR: Python wheels to install first (--no-deps, into /tmp/site) for a bare GPU image.
+# WHEEL_DIR, SECTIONS, PY: see bench/gpu_sections.sh.
 set -u
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT_DIR=${OUT_DIR:-/tmp/gpu_sampling}; DEADLINE_S=${DEADLINE_S:-450}; PRESET=${PRESET:-full}
 SECTIONS=${SECTIONS:-"env compare ttfi table cudnn batches hlo"}
-PY=${PY:-python3}; START=$(date +%s)
-mkdir -p "$OUT_DIR"; : > "$OUT_DIR/summary.txt"
-export PYTHONPATH="/tmp/site:$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
-if [ -n "${WHEEL_DIR:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEEL_DIR"/*.whl
-fi
-left() { echo $(( DEADLINE_S - ($(date +%s) - START) )); }
-section() {  # name needed_s max_s command...
-  local name=$1 need=$2 max=$3; shift 3
-  case " $SECTIONS " in *" $name "*) ;; *) return;; esac
-  local l; l=$(left)
-  if [ "$l" -lt "$need" ]; then echo "== $name: skipped ($l s left, needs $need)" | tee -a "$OUT_DIR/summary.txt"; return; fi
-  [ "$max" -gt $((l - 5)) ] && max=$((l - 5))
-  local t0; t0=$(date +%s)
-  echo "== $name (limit $max s)"
-  timeout -k 5 "$max" bash -c "$*" > "$OUT_DIR/$name.log" 2>&1
-  echo "== $name: rc=$? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT_DIR/summary.txt"
-  tail -n 12 "$OUT_DIR/$name.log"
-}
+source "$(dirname "$0")/gpu_sections.sh"
 BENCH="$PY bench/sample_bench.py --preset $PRESET"
 ORIG=""; [ -n "${HART_SRC:-}" ] && ORIG="--compare-original"
 if [ "$PRESET" = tiny ]; then SMALL=1; else SMALL=0; fi
 CACHE="$OUT_DIR/jax_cache"; rm -rf "$CACHE"
 
-section env 0 30 "nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>/dev/null; \
-  $PY -c 'import sys, jax, flax; print(sys.version.split()[0], jax.__version__, flax.__version__, jax.devices())'; \
-  $PY -c 'import torch; print(\"torch\", torch.__version__)' 2>/dev/null; git log -1 --oneline 2>/dev/null"
+env_section
 section compare 120 260 "$BENCH --batch-sizes 1 8 --repeats 5 $ORIG --json $OUT_DIR/compare.json"
 section ttfi 60 150 "for run in cold warm; do t0=\$(date +%s.%N); \
   $BENCH --batch-sizes 1 --repeats 1 --compile-cache $CACHE --json $OUT_DIR/ttfi_\$run.json | tail -n 1; \
@@ -54,4 +33,4 @@ section table 45 120 "cp hart_jax/kernels/dispatch_table.json $OUT_DIR/dispatch_
 [ $SMALL = 1 ] || section cudnn 90 200 "$BENCH --batch-sizes 8 --repeats 3 --attention-impl cudnn --json $OUT_DIR/cudnn.json"
 section batches 120 240 "$BENCH --batch-sizes 16 32 --repeats 3 --json $OUT_DIR/batches.json"
 section hlo 60 150 "$PY bench/hlo_stats.py --preset $PRESET --batch 8 --json $OUT_DIR/hlo.json"
-echo "== total $(( $(date +%s) - START )) s" | tee -a "$OUT_DIR/summary.txt"
+total_line

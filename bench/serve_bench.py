@@ -4,7 +4,7 @@ clients (threads, each sending one-image requests back to back with its own seed
     python bench/serve_bench.py                      # starts a server in-process on the shipped model
     python bench/serve_bench.py --url http://127.0.0.1:7860   # against a running one
 
-The in-process server uses ``python -m hart_jax.serve``'s defaults (batch sizes 1,4,16, 50 ms
+The in-process server uses ``python -m hart_jax.serve``'s defaults (one compiled batch size, 8; 50 ms
 wait) unless told otherwise. Prints one JSON line per client count; docs/benchmarks.md has the
 numbers.
 """
@@ -73,7 +73,8 @@ def main() -> None:
     p.add_argument("--url", default=None, help="a running server (default: start one in-process)")
     p.add_argument("--clients", default="1,4,16", help="concurrent client counts (default: 1,4,16)")
     p.add_argument("--requests", type=int, default=128, help="requests per client count, split among the clients (default: 128)")
-    p.add_argument("--batch-sizes", default="1,4,16", help="in-process server's compiled sizes (default: 1,4,16)")
+    p.add_argument("--batch-sizes", default=None, help="in-process server's compiled sizes, comma-separated "
+                   "(default: the server's, 8)")
     p.add_argument("--max-wait-ms", type=float, default=50.0, help="in-process server's wait (default: 50)")
     args = p.parse_args()
     server = None
@@ -82,7 +83,7 @@ def main() -> None:
         from hart_jax.serve.app import Server, load_service
 
         t0 = time.perf_counter()
-        service = load_service(batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+        service = load_service(batch_sizes=[int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None,
                                max_wait_s=args.max_wait_ms / 1000, max_queued_images=256)
         server = Server(service).start()
         url = server.url

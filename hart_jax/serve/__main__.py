@@ -11,6 +11,7 @@ from typing import Sequence
 
 from hart_jax.errors import HartError, OneLineArgumentParser
 from hart_jax.sample_cli import check_compile_cache
+from hart_jax.serve.batcher import DEFAULT_BATCH_SIZES
 from hart_jax.serve.schema import Limits
 
 DESCRIPTION = """Serve HART text-to-image: a web page at http://HOST:PORT/ and a JSON endpoint at
@@ -41,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", default=None, help="converted pipeline directory (default: the built-in shapes model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port, 0..65535; 0 picks a free one (default: 7860)")
-    p.add_argument("--batch-sizes", type=_sizes, default=[1, 4, 16],
-                   help="compiled batch sizes, comma-separated (default: 1,4,16)")
+    p.add_argument("--batch-sizes", type=_sizes, default=list(DEFAULT_BATCH_SIZES),
+                   help="compiled batch sizes, comma-separated (default: %s; one size keeps every image "
+                        "bit-identical to its seed's image alone, more sizes cut a lone request's latency)"
+                        % ",".join(map(str, DEFAULT_BATCH_SIZES)))
     p.add_argument("--max-wait-ms", type=float, default=50.0,
                    help="how long the oldest waiting image waits for others to share its batch, >= 0 (default: 50)")
     p.add_argument("--max-queued-images", type=int, default=64,

@@ -177,22 +177,23 @@ class Server:
         self.service.batcher.close()
 
 
-def load_service(ckpt: Any = None, batch_sizes: Any = (1, 4), max_wait_s: float = 0.05,
+def load_service(ckpt: Any = None, batch_sizes: Any = None, max_wait_s: float = 0.05,
                  max_queued_images: int = 64, limits: Any = None, compile_cache: Any = None,
                  warm_up: bool = True, log: Any = None) -> Service:
     """Load the pipeline (default: the shipped model), compile every batch size for the default
-    settings, and start the batcher."""
+    settings, and start the batcher. ``batch_sizes``: the compiled sizes (default
+    ``DEFAULT_BATCH_SIZES``)."""
     from hart_jax.builtin import DEFAULT_CKPT
     from hart_jax.pipeline import HARTPipeline, check_pipeline_dir
     from hart_jax.sample_cli import sampling_defaults
-    from hart_jax.serve.batcher import Batcher
+    from hart_jax.serve.batcher import DEFAULT_BATCH_SIZES, Batcher
     from hart_jax.serve.schema import Limits, Settings
 
     ckpt = Path(DEFAULT_CKPT if ckpt is None else ckpt)
     check_pipeline_dir(ckpt)
     defaults = sampling_defaults(ckpt)
     limits = limits or Limits()
-    batcher = Batcher(None, batch_sizes, max_wait_s, max_queued_images)  # argument checks before loading
+    batcher = Batcher(None, DEFAULT_BATCH_SIZES if batch_sizes is None else batch_sizes, max_wait_s, max_queued_images)  # argument checks before loading
     if max_queued_images < limits.max_images:
         raise ValueError(f"the queue limit ({max_queued_images} images) is below one request's limit "
                            f"({limits.max_images} images)")

@@ -61,6 +61,12 @@ class _Item:
     arrived: float
 
 
+# One compiled size by default: every request then gets bit-identically the images its seeds
+# give alone, whatever else shares its call (programs of different sizes may differ by one
+# uint8 level; docs/serving.md). More sizes (e.g. 1,4,16) trade that for a lone request's latency.
+DEFAULT_BATCH_SIZES: tuple[int, ...] = (8,)
+
+
 class Batcher:
     """Gathers the images of concurrent requests into the pipeline's compiled batch sizes.
 
@@ -69,7 +75,7 @@ class Batcher:
     ``padded`` (empty rows), ``batches`` (calls per batch size), ``failed_calls``.
     """
 
-    def __init__(self, pipe: Any, batch_sizes: Sequence[int] = (1, 4), max_wait_s: float = 0.05,
+    def __init__(self, pipe: Any, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, max_wait_s: float = 0.05,
                  max_queued_images: int = 64) -> None:
         sizes = sorted(set(int(b) for b in batch_sizes))
         if not sizes or sizes[0] < 1:
