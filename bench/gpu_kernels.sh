@@ -7,9 +7,10 @@
 # Sections: env; before (xla / cudnn / pallas at the 0.7B training shape and sampling stages 0,
 # 9, 11, 12, 13 with the shipped tiles: the issue's table); sweep (the Pallas tiles per kernel:
 # forward, dk/dv, dq, cache and cache_long, within SWEEP_S seconds; winners written into this
-# checkout's hart_jax/kernels/tile_table.json, a copy in OUT_DIR); after (the same table with the
-# swept tiles, and auto's dispatch table written to OUT_DIR/dispatch_table.json). Copy the two
-# tables into the repository to keep them. PRESET=tiny runs everything on a CPU at toy sizes
+# checkout's hart_jax/kernels/tile_table.json and copied to OUT_DIR); after (the same table with
+# the swept tiles, and auto's dispatch table written to OUT_DIR/dispatch_table.json). The
+# checkout's tile table is put back at the end: copy the two tables from OUT_DIR into
+# hart_jax/kernels/ to keep them. PRESET=tiny runs everything on a CPU at toy sizes
 # with the kernels interpreted (dry run).
 set -u
 OUT_DIR=${OUT_DIR:-/tmp/gpu_kernels}; DEADLINE_S=${DEADLINE_S:-450}; PRESET=${PRESET:-full}; SWEEP_S=${SWEEP_S:-200}
@@ -19,6 +20,8 @@ BENCH="$PY -m bench.attention_bench --stages 0,9,11,12,13 --iters 5"
 SWEEP_STAGES=0,8,13
 if [ "$PRESET" = tiny ]; then BENCH="$PY -m bench.attention_bench --smoke --stages 2,4"; SWEEP_STAGES=2,4; fi
 TILES=hart_jax/kernels/tile_table.json
+cp "$TILES" "$OUT_DIR/tile_table.shipped.json"
+trap 'cp "$OUT_DIR/tile_table.shipped.json" "$TILES"' EXIT
 env_section
 section before 60 120 "$BENCH --out $OUT_DIR/before.json"
 section sweep 60 $((SWEEP_S + 40)) "$BENCH --impls pallas --sweep --stages $SWEEP_STAGES --sweep-budget-s $SWEEP_S \
