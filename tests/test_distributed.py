@@ -8,7 +8,7 @@ import pytest
 
 from configs.train import distributed_section
 from hart_jax.errors import HartError
-from hart_jax.train.distributed import DistributedSetupError, resolve
+from hart_jax.train.distributed import DistributedSetupError, resolve, wait_for_coordinator
 
 SLURM = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
          "SLURM_STEP_NODELIST": "node[1-2]"}
@@ -79,3 +79,25 @@ def test_errors_name_the_setting(sec, env, words):
     assert isinstance(e.value, HartError) and "\n" not in msg
     for w in words:
         assert w in msg, (w, msg)
+
+
+def test_unreachable_coordinator_is_one_line():
+    """A process other than 0 whose coordinator never answers gets one line (JAX itself would
+    abort the process), after the configured timeout; a listening port passes at once."""
+    import socket
+
+    with socket.socket() as srv:  # a port that is free, then closed: nothing listens there
+        srv.bind(("127.0.0.1", 0))
+        port = srv.getsockname()[1]
+    sec = {"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2, "process_id": 1,
+           "initialization_timeout": 1}
+    settings = resolve({"distributed": sec}, {})
+    with pytest.raises(DistributedSetupError) as e:
+        wait_for_coordinator(settings, poll_s=0.1)
+    msg = str(e.value)
+    assert "\n" not in msg and f"127.0.0.1:{port}" in msg and "within 1 s" in msg and "process 1 of 2" in msg
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        ok = resolve({"distributed": dict(sec, coordinator_address=f"127.0.0.1:{srv.getsockname()[1]}")}, {})
+        wait_for_coordinator(ok)  # returns

@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -172,6 +174,31 @@ def resolve(config: Any, environ: Mapping[str, str] | None = None) -> Distribute
     )
 
 
+def wait_for_coordinator(settings: DistributedSettings, poll_s: float = 0.5) -> None:
+    """Wait (up to ``initialization_timeout``) until the coordinator's port accepts a TCP
+    connection. JAX's own client aborts the whole process (a C++ fatal error, no Python
+    exception) when it cannot reach the coordinator; this says so in one line instead."""
+    host, _, port = str(settings.coordinator_address).rpartition(":")
+    host = host.strip("[]")
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise DistributedSetupError(f"distributed: coordinator {settings.coordinator_address!r} is not HOST:PORT") from None
+    deadline = time.monotonic() + settings.initialization_timeout
+    while True:
+        try:
+            with socket.create_connection((host, port_n), timeout=min(2.0, settings.initialization_timeout)):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise DistributedSetupError(
+                    f"distributed: process {settings.process_id} of {settings.num_processes} could not reach the "
+                    f"coordinator {settings.coordinator_address} within {settings.initialization_timeout} s "
+                    f"({e.strerror or e}); start process 0 first (it serves that address) or fix the address"
+                ) from None
+            time.sleep(poll_s)
+
+
 def maybe_initialize_distributed(config: Any = "auto", environ: Mapping[str, str] | None = None) -> bool:
     """Call ``jax.distributed.initialize`` with the resolved settings (see ``resolve``);
     returns whether this run has several processes. Logs the process index / count and
@@ -181,6 +208,8 @@ def maybe_initialize_distributed(config: Any = "auto", environ: Mapping[str, str
         if settings is None:
             return False
         log.info("jax.distributed.initialize(%s) [%s]", settings.kwargs(), settings.launcher or "explicit settings")
+        if settings.coordinator_address is not None and settings.process_id not in (None, 0):
+            wait_for_coordinator(settings)
         jax.distributed.initialize(**settings.kwargs())
     msg = (
         f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local device(s) "
