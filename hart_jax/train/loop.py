@@ -241,13 +241,9 @@ def train(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
                 prefix=comp.text_prefix, max_length=comp.tcfg.context_token or 300,
             )
             data_iter = iter(loader)
-            abstract = comp.abstract_state()
-            shardings = tree_shardings(abstract, comp.mesh, comp.rules)
-            step0, state = checkpointing.restore_newest_good(mngr, abstract, shardings, data_iter)
-            if step0 is None:  # a fresh start (a resumed one compiles no initialisation)
-                state, shardings = comp.create_state(init_params)
-            elif primary:
-                print(f"resumed from {workdir}/checkpoints/{step0}", flush=True)
+            _, state, shardings = run_control.resume_or_create(
+                mngr, comp, data_iter, workdir, primary, lambda: comp.create_state(init_params)
+            )
             if primary:
                 print(f"train.remat={comp.model.remat} (block rematerialisation)", flush=True)
             step_fn = comp.make_step(shardings)

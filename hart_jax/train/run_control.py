@@ -36,6 +36,7 @@ from hart_jax.errors import HartError
 from hart_jax.train import checkpointing
 from hart_jax.train.distributed import example_ids_path
 from hart_jax.train.metrics import EventWriter, Progress
+from hart_jax.train.sharding import tree_shardings
 
 
 class TrainingDiverged(HartError):
@@ -109,6 +110,22 @@ class LoopTask:
     derive: Callable[[dict[str, float], float], dict[str, float]]
     bar_keys: tuple[str, ...]
     nonfinite_keys: tuple[str, ...] = ("loss", "grad_norm")
+
+
+def resume_or_create(
+    mngr: Any, comp: Any, data_iter: Any, workdir: Path, primary: bool, create: Callable[[], tuple[Any, Any]]
+) -> tuple[int | None, Any, Any]:
+    """``(step, state, shardings)``: the newest checkpoint that restores (shardings from the
+    abstract state alone, so a resumed run compiles no initialisation; says so in one line), or
+    ``create()``'s fresh ``(state, shardings)`` with ``step`` None."""
+    abstract = comp.abstract_state()
+    shardings = tree_shardings(abstract, comp.mesh, comp.rules)
+    step0, state = checkpointing.restore_newest_good(mngr, abstract, shardings, data_iter)
+    if step0 is None:
+        state, shardings = create()
+    elif primary:
+        print(f"resumed from {workdir}/checkpoints/{step0}", flush=True)
+    return step0, state, shardings
 
 
 def hook_step(config: Any, name: str) -> int:

@@ -230,17 +230,12 @@ def train_tokenizer(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
             loader = make_loader(c.data, kind="image", resolution=comp.resolution,
                                  global_batch=int(c.train.batch_size), seed=int(c.seed))
             data_iter = iter(loader)
-            abstract = comp.abstract_state()
-            shardings = tree_shardings(abstract, comp.mesh, comp.rules)
-            step0, state = checkpointing.restore_newest_good(mngr, abstract, shardings, data_iter)
-            if step0 is None:  # a fresh start (a resumed one compiles no initialisation)
-                state, shardings = comp.create_state()
-                if primary:
-                    n_train, n_all = count_trainable(state.params, comp.labels)
-                    log.info("tokenizer: %d of %d parameters trainable (%s)", n_train, n_all,
-                             c.tokenizer_train.trainable)
-            elif primary:
-                print(f"resumed from {workdir}/checkpoints/{step0}", flush=True)
+            step0, state, shardings = run_control.resume_or_create(mngr, comp, data_iter, workdir, primary,
+                                                                   comp.create_state)
+            if step0 is None and primary:
+                n_train, n_all = count_trainable(state.params, comp.labels)
+                log.info("tokenizer: %d of %d parameters trainable (%s)", n_train, n_all,
+                         c.tokenizer_train.trainable)
             step_fn = comp.make_step(shardings)
         except BaseException:
             mngr.close()
